@@ -1,0 +1,86 @@
+"""The build configuration: board + variant + profile merged and validated once."""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Literal
+
+from .boards import Board, Variant, load_board, resolve_variant
+from .errors import BuildError
+
+Profile = Literal["production", "debug"]
+PROFILES: tuple[str, ...] = ("production", "debug")
+
+DEFAULT_MIRROR = "http://deb.debian.org/debian"
+# A fixed build date keeps artefacts comparable between builds of the same inputs.
+DEFAULT_SOURCE_DATE_EPOCH = 1767225600  # 2026-01-01T00:00:00Z
+
+
+@dataclass(frozen=True)
+class BuildConfig:
+    board: Board
+    variant_name: str | None
+    variant: Variant | None
+    profile: Profile
+    out_dir: Path
+    mirror: str = DEFAULT_MIRROR
+    bootloader_dir: Path | None = None
+    source_date_epoch: int = DEFAULT_SOURCE_DATE_EPOCH
+    image_version: str = "0.1.0"
+    extra: dict = field(default_factory=dict)
+
+    @property
+    def image_name(self) -> str:
+        return self.board.name if not self.variant_name else f"{self.board.name}-{self.variant_name}"
+
+    @property
+    def hostname(self) -> str:
+        return self.image_name
+
+    @property
+    def dtb(self) -> str | None:
+        return self.variant.dtb if self.variant else None
+
+
+def make_config(
+    board_name: str,
+    *,
+    variant: str | None = None,
+    profile: str = "production",
+    out_dir: Path | None = None,
+    bootloader_dir: Path | None = None,
+    mirror: str = DEFAULT_MIRROR,
+    boards_dir: Path | None = None,
+    image_version: str = "0.1.0",
+) -> BuildConfig:
+    board = load_board(board_name, boards_dir)
+    vname, v = resolve_variant(board, variant)
+    if profile not in PROFILES:
+        raise BuildError(f"unknown profile {profile!r} (one of: {', '.join(PROFILES)})")
+    if bootloader_dir is not None:
+        if board.bootloader is None:
+            raise BuildError(f"board {board.name!r} takes no bootloader blobs (--bootloader)")
+        if not bootloader_dir.is_dir():
+            raise BuildError(f"--bootloader {bootloader_dir}: not a directory")
+        for blob in board.bootloader.blobs:
+            p = bootloader_dir / blob.file
+            if not p.is_file():
+                raise BuildError(f"--bootloader {bootloader_dir}: missing {blob.file}")
+            size = p.stat().st_size
+            if size == 0 or size > blob.max_bytes:
+                raise BuildError(
+                    f"{p}: {size} bytes; must be 1..{blob.max_bytes} to fit before the next blob/partition"
+                )
+    elif board.bootloader is not None and board.bootloader.required:
+        raise BuildError(f"board {board.name!r} needs --bootloader DIR with its boot blobs")
+    name = board.name if not vname else f"{board.name}-{vname}"
+    return BuildConfig(
+        board=board,
+        variant_name=vname,
+        variant=v,
+        profile=profile,  # type: ignore[arg-type]
+        out_dir=(out_dir or Path("out") / name),
+        mirror=mirror,
+        bootloader_dir=bootloader_dir,
+        image_version=image_version,
+    )

@@ -1,0 +1,184 @@
+"""Stage 3: turn the cached rootfs tarball into the image's root and boot trees.
+
+Runs on every build (it is cheap next to mmdebstrap), so templates and profiles never touch
+the rootfs cache.
+"""
+from __future__ import annotations
+
+import fnmatch
+import json
+import os
+import shutil
+import subprocess
+from dataclasses import dataclass
+from pathlib import Path
+
+from .config import BuildConfig
+from .errors import BuildError
+from .templates_render import render_tree
+
+UNITS_ENABLED = ("appliance-ready.service", "appliance-ssh-hostkeys.service", "systemd-networkd.service")
+UNITS_MASKED_ALWAYS = ("systemd-networkd-wait-online.service",)
+# Production images have no login prompt anywhere.
+UNITS_MASKED_PRODUCTION = ("serial-getty@.service", "getty@.service", "console-getty.service")
+
+
+@dataclass(frozen=True)
+class Kernel:
+    version: str
+    vmlinuz: Path
+    initrd: Path
+    dtb_dir: Path | None
+
+
+def find_kernel(root: Path) -> Kernel:
+    versions = sorted(p.name for p in (root / "lib/modules").iterdir()) if (root / "lib/modules").is_dir() else []
+    if len(versions) != 1:
+        raise BuildError(f"rootfs: expected exactly one kernel in /lib/modules, found {versions or 'none'}")
+    v = versions[0]
+    vmlinuz, initrd = root / f"boot/vmlinuz-{v}", root / f"boot/initrd.img-{v}"
+    for p in (vmlinuz, initrd):
+        if not p.is_file():
+            raise BuildError(f"rootfs: {p.relative_to(root)} is missing (kernel postinst or initramfs failed?)")
+    dtbs = root / f"usr/lib/linux-image-{v}"
+    return Kernel(v, vmlinuz, initrd, dtbs if dtbs.is_dir() else None)
+
+
+def split_modules(rel_paths: list[str], keep_globs: list[str]) -> tuple[list[str], list[str]]:
+    """Partition module paths (relative to .../kernel/) into (kept, dropped) by the board's globs."""
+    kept, dropped = [], []
+    for rel in rel_paths:
+        (kept if any(fnmatch.fnmatch(rel, g) for g in keep_globs) else dropped).append(rel)
+    return kept, dropped
+
+
+def trim_modules(root: Path, version: str, keep_globs: list[str]) -> tuple[int, int]:
+    kdir = root / "lib/modules" / version / "kernel"
+    rels = [p.relative_to(kdir).as_posix() for p in kdir.rglob("*.ko*")]
+    kept, dropped = split_modules(rels, keep_globs)
+    for rel in dropped:
+        (kdir / rel).unlink()
+    for d in sorted((p for p in kdir.rglob("*") if p.is_dir()), key=lambda p: len(p.parts), reverse=True):
+        if not any(d.iterdir()):
+            d.rmdir()
+    # depmod reads module metadata, not code: the host's depmod indexes a foreign kernel fine.
+    r = subprocess.run(["depmod", "-b", str(root), version], capture_output=True, text=True)
+    if r.returncode != 0:
+        raise BuildError(f"depmod failed for {version}: {r.stderr.strip().splitlines()[-1:]}")
+    return len(kept), len(dropped)
+
+
+def dpkg_packages(root: Path) -> list[dict]:
+    """Installed packages from the target's dpkg database (for the manifest and SBOM)."""
+    status = (root / "var/lib/dpkg/status").read_text()
+    pkgs = []
+    for stanza in status.split("\n\n"):
+        fields = {}
+        for line in stanza.splitlines():
+            if line and not line[0].isspace() and ":" in line:
+                k, _, v = line.partition(":")
+                fields[k] = v.strip()
+        if fields.get("Status", "").endswith(" installed"):
+            pkgs.append({
+                "name": fields["Package"],
+                "version": fields.get("Version", ""),
+                "arch": fields.get("Architecture", ""),
+                "source": fields.get("Source", fields["Package"]).split(" ")[0],
+            })
+    return sorted(pkgs, key=lambda p: p["name"])
+
+
+def extract(tarball: Path, root: Path) -> None:
+    root.mkdir(parents=True, exist_ok=True)
+    r = subprocess.run(
+        ["tar", "-xpf", str(tarball), "--numeric-owner", "--xattrs", "--xattrs-include=*", "-C", str(root)],
+        capture_output=True, text=True,
+    )
+    if r.returncode != 0:
+        raise BuildError(f"extracting {tarball} failed: {r.stderr.strip()[:300]}")
+
+
+def _systemctl(root: Path, verb: str, *units: str) -> None:
+    r = subprocess.run(["systemctl", f"--root={root}", "--quiet", verb, *units], capture_output=True, text=True)
+    if r.returncode != 0:
+        raise BuildError(f"systemctl {verb} {' '.join(units)} in the image failed: {r.stderr.strip()[:300]}")
+
+
+def template_context(cfg: BuildConfig, build_info: dict) -> dict:
+    dev, _, baud = cfg.board.console.partition(",")
+    board_dict = cfg.board.model_dump(mode="json")
+    return {
+        "image_name": cfg.image_name,
+        "hostname": cfg.hostname,
+        "board": cfg.board,
+        "variant": cfg.variant_name,
+        "profile": cfg.profile,
+        "version": cfg.image_version,
+        "console": cfg.board.console,
+        "console_device": dev,
+        "baud": baud,
+        "dtb": cfg.dtb,
+        "extra_cmdline": "" if cfg.profile == "debug" else "quiet loglevel=3",
+        "board_json": json.dumps(board_dict, indent=2, sort_keys=True),
+        "build_info_json": json.dumps(build_info, indent=2, sort_keys=True),
+    }
+
+
+def customise(cfg: BuildConfig, tarball: Path, root: Path, boot: Path, build_info: dict) -> dict:
+    """Fill `root` (the future erofs) and `boot` (the boot partition). Returns facts for the manifest."""
+    extract(tarball, root)
+    kernel = find_kernel(root)
+    slot = boot / "a"
+    slot.mkdir(parents=True)
+    shutil.copy2(kernel.vmlinuz, slot / "vmlinuz")
+    shutil.copy2(kernel.initrd, slot / "initrd.img")
+    if cfg.dtb:
+        if kernel.dtb_dir is None or not (kernel.dtb_dir / cfg.dtb).is_file():
+            raise BuildError(f"board {cfg.board.name}: kernel {kernel.version} ships no {cfg.dtb}")
+        (slot / "dtbs" / cfg.dtb).parent.mkdir(parents=True)
+        shutil.copy2(kernel.dtb_dir / cfg.dtb, slot / "dtbs" / cfg.dtb)
+    # The kernel and DTBs live on the boot partition; a second copy in the root only costs space.
+    for p in (root / "boot").iterdir():
+        p.unlink() if not p.is_dir() or p.is_symlink() else shutil.rmtree(p)
+    if kernel.dtb_dir is not None:
+        shutil.rmtree(kernel.dtb_dir)
+    for link in ("vmlinuz", "vmlinuz.old", "initrd.img", "initrd.img.old"):
+        if (root / link).is_symlink():
+            (root / link).unlink()
+    kept, dropped = trim_modules(root, kernel.version, cfg.board.modules.keep)
+
+    # Keys made by openssh-server's postinst would be shared by every device: drop them.
+    for key in (root / "etc/ssh").glob("ssh_host_*"):
+        key.unlink()
+    (root / "etc/machine-id").write_text("")
+    (root / "data").mkdir(exist_ok=True)
+
+    ctx = template_context(cfg, build_info)
+    rendered = render_tree("rootfs", root, ctx)
+    rendered_boot = render_tree(f"boot-{cfg.board.boot}", boot, ctx)
+
+    _systemctl(root, "enable", *UNITS_ENABLED)
+    masked = list(UNITS_MASKED_ALWAYS)
+    if cfg.profile == "production":
+        masked += UNITS_MASKED_PRODUCTION
+    _systemctl(root, "mask", *masked)
+    clamp_mtimes(root, cfg.source_date_epoch)
+    clamp_mtimes(boot, cfg.source_date_epoch)
+    return {
+        "kernel": kernel.version,
+        "modules_kept": kept,
+        "modules_dropped": dropped,
+        "rendered": sorted(rendered + [f"boot:{p}" for p in rendered_boot]),
+        "packages": dpkg_packages(root),
+    }
+
+
+def clamp_mtimes(tree: Path, epoch: int) -> None:
+    """Any file touched after SOURCE_DATE_EPOCH gets it, so the filesystems are reproducible."""
+    for dirpath, dirnames, filenames in os.walk(tree):
+        for name in dirnames + filenames:
+            p = os.path.join(dirpath, name)
+            st = os.lstat(p)
+            if st.st_mtime > epoch:
+                os.utime(p, (epoch, epoch), follow_symlinks=False)
+    os.utime(tree, (epoch, epoch))

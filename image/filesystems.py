@@ -1,0 +1,51 @@
+"""Stage 4: filesystem images from directories, without loop mounts (none work here)."""
+from __future__ import annotations
+
+import subprocess
+import uuid
+from pathlib import Path
+
+from .errors import BuildError
+
+MiB = 1 << 20
+
+
+def _run(argv: list[str], what: str) -> None:
+    r = subprocess.run(argv, capture_output=True, text=True)
+    if r.returncode != 0:
+        msg = (r.stderr or r.stdout).strip().splitlines()
+        raise BuildError(f"{what} failed: {msg[-1] if msg else 'exit ' + str(r.returncode)}")
+
+
+def stable_uuid(*parts: str) -> str:
+    """Deterministic UUIDs keep images of the same inputs identical."""
+    return str(uuid.uuid5(uuid.NAMESPACE_URL, "appliance:" + ":".join(parts)))
+
+
+def make_ext4(src: Path | None, out: Path, size_mib: int, label: str, fs_uuid: str, epoch: int) -> None:
+    if out.exists():
+        out.unlink()
+    with open(out, "wb") as f:
+        f.truncate(size_mib * MiB)
+    argv = ["mkfs.ext4", "-q", "-F", "-L", label, "-U", fs_uuid, "-E", f"root_owner=0:0,hash_seed={fs_uuid}",
+            "-T", "default", "-m", "0"]
+    if src is not None:
+        argv += ["-d", str(src)]
+    argv += [str(out)]
+    r = subprocess.run(argv, capture_output=True, text=True, env={"E2FSPROGS_FAKE_TIME": str(epoch), "PATH": "/usr/sbin:/usr/bin:/sbin:/bin"})
+    if r.returncode != 0:
+        tail = (r.stderr or r.stdout).strip().splitlines()
+        hint = " (the board's partition is too small for its content)" if any("No space" in l or "Could not allocate" in l for l in tail) else ""
+        raise BuildError(f"mkfs.ext4 for partition {label!r} failed: {tail[-1] if tail else r.returncode}{hint}")
+
+
+def make_erofs(src: Path, out: Path, fs_uuid: str, epoch: int, compress: str | None = "lz4hc") -> int:
+    """Read-only root. Returns its size in bytes."""
+    if out.exists():
+        out.unlink()
+    argv = ["mkfs.erofs", "--quiet", f"-T{epoch}", f"-U{fs_uuid}"]
+    if compress:
+        argv.append(f"-z{compress}")
+    argv += [str(out), str(src)]
+    _run(argv, "mkfs.erofs for the root filesystem")
+    return out.stat().st_size

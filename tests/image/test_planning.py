@@ -1,0 +1,126 @@
+"""Pure planning: rootfs inputs and cache key, disk layout, module selection, templates."""
+from pathlib import Path
+
+import pytest
+
+from appliance.image.config import make_config
+from appliance.image.customise import split_modules, template_context
+from appliance.image.disk import MIB_SECTORS, plan_disk, sfdisk_script
+from appliance.image.rootfs import plan_rootfs
+from appliance.image.templates_render import render_tree
+
+REPO = Path(__file__).resolve().parents[2]
+B = REPO / "boards"
+
+
+def cfg(board="qemu-arm64", **kw):
+    return make_config(board, boards_dir=B, **kw)
+
+
+def test_rootfs_key_ignores_profile_and_templates():
+    # Profiles and templates are applied after the cached stage: they must not change its key.
+    assert plan_rootfs(cfg(profile="debug")).key() == plan_rootfs(cfg(profile="production")).key()
+
+
+def test_rootfs_key_tracks_its_inputs():
+    base = plan_rootfs(cfg())
+    other_mirror = plan_rootfs(cfg(mirror="http://mirror.invalid/debian"))
+    amd = plan_rootfs(cfg("qemu-amd64"))
+    assert len({base.key(), other_mirror.key(), amd.key()}) == 3
+    assert "linux-image-arm64" in base.packages and "linux-image-amd64" in amd.packages
+
+
+def test_mmdebstrap_argv_writes_initramfs_modules():
+    argv = plan_rootfs(cfg()).mmdebstrap_argv(Path("/x/rootfs.tar"))
+    assert argv[:2] == ["mmdebstrap", "--mode=root"] and "--arch=arm64" in argv
+    hook = next(a for a in argv if a.startswith("--setup-hook="))
+    assert "erofs" in hook and "virtio_blk" in hook and "modules.d/appliance.conf" in hook
+    assert argv[-3:] == ["trixie", "/x/rootfs.tar", "http://deb.debian.org/debian"]
+
+
+def test_disk_layout_qemu():
+    lay = plan_disk(cfg())
+    labels = [p.label for p in lay.partitions]
+    assert labels == ["boot", "root-a", "root-b", "data"]
+    assert lay.partitions[0].start == MIB_SECTORS  # 1 MiB aligned
+    for a, b in zip(lay.partitions, lay.partitions[1:]):
+        assert a.start + a.size == b.start  # contiguous, no overlap
+        assert b.start % MIB_SECTORS == 0
+    assert lay.by_label("root-a").size == lay.by_label("root-b").size == 1024 * MIB_SECTORS
+    # room for the backup GPT after the last partition
+    last = lay.partitions[-1]
+    assert lay.total_sectors - (last.start + last.size) >= 33
+    assert lay.by_label("boot").attrs == "LegacyBIOSBootable"
+
+
+def test_disk_layout_rk3588_leaves_room_for_blobs(tmp_path):
+    (tmp_path / "idbloader.img").write_bytes(b"i" * 4096)
+    (tmp_path / "u-boot.itb").write_bytes(b"u" * 4096)
+    lay = plan_disk(cfg("rk3588", variant="rock-5b", bootloader_dir=tmp_path))
+    assert lay.partitions[0].start == 16 * MIB_SECTORS
+    assert [(b.file, b.sector) for b in lay.blobs] == [("idbloader.img", 64), ("u-boot.itb", 16384)]
+    for b in lay.blobs:
+        assert b.sector * 512 + b.max_bytes <= lay.partitions[0].offset
+
+
+def test_disk_uuids_are_stable_and_distinct():
+    a, b = plan_disk(cfg()), plan_disk(cfg())
+    assert a == b
+    assert len({p.uuid for p in a.partitions}) == 4
+    assert plan_disk(cfg("qemu-amd64")).partitions[0].type_guid.startswith("C12A7328")  # ESP on UEFI
+
+
+def test_sfdisk_script():
+    s = sfdisk_script(plan_disk(cfg()))
+    assert s.startswith("label: gpt\n")
+    assert 'name="root-b"' in s and 'attrs="LegacyBIOSBootable"' in s
+
+
+@pytest.mark.parametrize("rel,kept", [
+    ("fs/erofs/erofs.ko.xz", True),
+    ("drivers/block/virtio_blk.ko.xz", True),
+    ("drivers/gpu/drm/amd/amdgpu/amdgpu.ko.xz", False),
+    ("sound/core/snd.ko.xz", False),
+    ("drivers/md/dm-verity.ko.xz", True),
+])
+def test_module_selection(rel, kept):
+    keep = cfg().board.modules.keep
+    k, d = split_modules([rel], keep)
+    assert (rel in k) == kept and (rel in d) != kept
+
+
+def _render(tmp_path, **kw):
+    c = cfg(**kw)
+    ctx = template_context(c, {"name": c.image_name})
+    root = tmp_path / "root"
+    written = render_tree("rootfs", root, ctx)
+    boot = tmp_path / "boot"
+    render_tree(f"boot-{c.board.boot}", boot, ctx)
+    return root, boot, written
+
+
+def test_templates_production(tmp_path):
+    root, boot, written = _render(tmp_path)
+    fstab = (root / "etc/fstab").read_text()
+    assert "PARTLABEL=data" in fstab and "/data" in fstab and "x-systemd.growfs" in fstab
+    assert (root / "etc/hostname").read_text().strip() == "qemu-arm64"
+    # production: no autologin drop-in at all
+    assert "etc/systemd/system/serial-getty@.service.d/autologin.conf" not in written
+    ext = (boot / "extlinux/extlinux.conf").read_text()
+    assert "root=PARTLABEL=root-a" in ext and "rootfstype=erofs" in ext and " ro " in ext
+    assert "console=ttyAMA0,115200" in ext and "fdt" not in ext  # QEMU provides its own DT
+
+
+def test_templates_debug_adds_serial_autologin(tmp_path):
+    root, _, written = _render(tmp_path, profile="debug")
+    conf = (root / "etc/systemd/system/serial-getty@.service.d/autologin.conf").read_text()
+    assert "--autologin root" in conf
+
+
+def test_templates_rk3588_extlinux(tmp_path):
+    root, boot, _ = _render(tmp_path, board="rk3588", variant="rock-5b")
+    ext = (boot / "extlinux/extlinux.conf").read_text()
+    assert "fdt /a/dtbs/rockchip/rk3588-rock-5b.dtb" in ext
+    assert "console=ttyS2,1500000" in ext
+    import json
+    assert json.loads((root / "etc/appliance/board.json").read_text())["cpu"]["big"] == [4, 5, 6, 7]
