@@ -1,0 +1,167 @@
+"""Device CLI: `appliance-agent store keygen|install|list|check` (dispatched by the runtime's
+multi-call `appliance-agent`; `main` accepts argv with or without the leading "store").
+
+Token and store selection, flag > environment > default:
+  --pkcs11-module  APPLIANCE_PKCS11_MODULE  board.json secure.pkcs11_module, else SoftHSM2
+  --token-label    APPLIANCE_TOKEN_LABEL    "appliance"
+  --pin-file       APPLIANCE_PIN_FILE       /etc/appliance/token.pin
+  --store-dir      APPLIANCE_STORE_DIR      /var/lib/appliance/models
+  --vendor-key     APPLIANCE_VENDOR_KEY     /etc/appliance/vendor-ed25519.pub
+  --board          APPLIANCE_BOARD          name from --board-file
+  --board-file     APPLIANCE_BOARD_FILE     /etc/appliance/board.json
+  --token-config   SOFTHSM2_CONF            (SoftHSM2 only: its config file)
+
+Exit status: 0 ok, 2 usage, and per refusal: 3 bad signature, 4 rollback, 5 wrong board,
+6 integrity (GCM/sha256), 7 token or module missing, 8 PIN rejected / token locked,
+9 package for another device, 10 malformed package, 1 anything else.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+
+from . import errors as E
+
+SOFTHSM_MODULE = "/usr/lib/softhsm/libsofthsm2.so"
+DEFAULTS = {
+    "APPLIANCE_PKCS11_MODULE": SOFTHSM_MODULE,
+    "APPLIANCE_TOKEN_LABEL": "appliance",
+    "APPLIANCE_PIN_FILE": "/etc/appliance/token.pin",
+    "APPLIANCE_STORE_DIR": "/var/lib/appliance/models",
+    "APPLIANCE_VENDOR_KEY": "/etc/appliance/vendor-ed25519.pub",
+    "APPLIANCE_BOARD_FILE": "/etc/appliance/board.json",
+}
+EXIT_CODES = [(E.SignatureError, 3), (E.RollbackError, 4), (E.BoardMismatchError, 5),
+              (E.IntegrityError, 6), (E.TokenMissingError, 7), (E.TokenLockedError, 8),
+              (E.WrongDeviceError, 9), (E.FormatError, 10)]
+PROG = "appliance-agent store"
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message):  # one line, exit 2, like argparse but without the usage dump
+        print(f"{PROG}: error: {message}", file=sys.stderr)
+        raise SystemExit(2)
+
+
+def _module_default(env, board_file):
+    if env.get("APPLIANCE_PKCS11_MODULE"):
+        return env["APPLIANCE_PKCS11_MODULE"]
+    try:
+        with open(board_file) as f:
+            mod = json.load(f).get("secure", {}).get("pkcs11_module")
+        if isinstance(mod, str) and mod:
+            return mod
+    except (OSError, ValueError, AttributeError):
+        pass
+    return SOFTHSM_MODULE
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = _Parser(prog=PROG, description="Encrypted, signed model store on a PKCS#11 token")
+    p.add_argument("--pkcs11-module")
+    p.add_argument("--token-label")
+    p.add_argument("--pin-file")
+    p.add_argument("--store-dir")
+    p.add_argument("--vendor-key")
+    p.add_argument("--board")
+    p.add_argument("--board-file")
+    p.add_argument("--token-config", help="SoftHSM2 config file (sets SOFTHSM2_CONF)")
+    sub = p.add_subparsers(dest="cmd", required=True, parser_class=_Parser)
+    k = sub.add_parser("keygen", help="create the device key pair (idempotent), print its public PEM")
+    k.add_argument("--init-softhsm", action="store_true",
+                   help="SoftHSM2 only: initialise the token first if no token has this label")
+    k.add_argument("--so-pin-file", help="SO PIN for --init-softhsm (default: random, discarded)")
+    i = sub.add_parser("install", help="install an encrypted, signed model package")
+    i.add_argument("package")
+    ls = sub.add_parser("list", help="list installed models")
+    ls.add_argument("--json", action="store_true")
+    c = sub.add_parser("check", help="decrypt a model in memory and verify it (nothing written)")
+    c.add_argument("name")
+    return p
+
+
+def _settings(args, env):
+    board_file = args.board_file or env.get("APPLIANCE_BOARD_FILE") or DEFAULTS["APPLIANCE_BOARD_FILE"]
+    pick = lambda flag, var: flag or env.get(var) or DEFAULTS[var]  # noqa: E731
+    return dict(module=args.pkcs11_module or _module_default(env, board_file),
+                token_label=pick(args.token_label, "APPLIANCE_TOKEN_LABEL"),
+                pin_file=pick(args.pin_file, "APPLIANCE_PIN_FILE"),
+                store_dir=pick(args.store_dir, "APPLIANCE_STORE_DIR"),
+                vendor_key=pick(args.vendor_key, "APPLIANCE_VENDOR_KEY"),
+                board=args.board or env.get("APPLIANCE_BOARD"), board_file=board_file)
+
+
+def _init_softhsm(label: str, pin_file: str, so_pin_file: str | None) -> None:
+    shown = subprocess.run(["softhsm2-util", "--show-slots"], capture_output=True, text=True)
+    if any(line.split(":", 1)[1].strip() == label for line in shown.stdout.splitlines()
+           if line.strip().startswith("Label:")):
+        return
+    try:
+        pin = open(pin_file).read().strip()
+        so_pin = open(so_pin_file).read().strip() if so_pin_file else os.urandom(16).hex()
+    except OSError as e:
+        raise E.TokenLockedError(f"cannot read PIN file: {e}") from None
+    r = subprocess.run(["softhsm2-util", "--init-token", "--free", "--label", label, "--pin", pin,
+                        "--so-pin", so_pin], capture_output=True, text=True)
+    if r.returncode != 0:
+        raise E.TokenError(f"softhsm2-util --init-token failed: {(r.stderr or r.stdout).strip()}")
+
+
+def run(args, env) -> int:
+    from .backend import Pkcs11Backend, TokenConfig
+
+    if args.token_config:
+        os.environ["SOFTHSM2_CONF"] = args.token_config
+    s = _settings(args, env)
+    cfg = TokenConfig(module=s["module"], token_label=s["token_label"], pin_file=s["pin_file"])
+    if args.cmd == "keygen":
+        if args.init_softhsm:
+            _init_softhsm(cfg.token_label, cfg.pin_file, args.so_pin_file)
+        with Pkcs11Backend(cfg) as b:
+            sys.stdout.write(b.ensure_device_key().decode())
+        return 0
+
+    from .store import DeviceStore, board_name_from_file, load_vendor_public_key
+
+    board = s["board"] or board_name_from_file(s["board_file"])
+    with Pkcs11Backend(cfg) as b:
+        store = DeviceStore(s["store_dir"], b, load_vendor_public_key(s["vendor_key"]), board)
+        if args.cmd == "install":
+            m = store.install_file(args.package)
+            print(f"installed {m.name} {m.version}")
+        elif args.cmd == "check":
+            m = store.load(args.name)
+            print(f"ok {m.name} {m.version} sha256={m.manifest.sha256}")
+        elif args.cmd == "list":
+            items = store.list()
+            if args.json:
+                print(json.dumps([i.as_dict() for i in items], indent=2))
+            else:
+                for i in items:
+                    print(f"{i.name}\t{i.version}\thighest={i.highest_accepted}\tboards={','.join(i.boards)}"
+                          f"\twatermark={i.watermark_id or '-'}\t{i.status}")
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:1] == ["store"]:
+        argv = argv[1:]
+    try:
+        args = build_parser().parse_args(argv)
+    except SystemExit as e:
+        return int(e.code or 0)
+    try:
+        return run(args, os.environ)
+    except E.SecureError as e:
+        print(f"{PROG}: error: {e}", file=sys.stderr)
+        return next((code for cls, code in EXIT_CODES if isinstance(e, cls)), 1)
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,40 @@
+"""`SecureModelSource`: the encrypted store seen through the runtime's model-source interface
+(`names() -> list[str]`, `load(name) -> obj` with `.name`, `.version`, `.content: bytes`;
+failures raise an exception whose str() is a one-line reason)."""
+from __future__ import annotations
+
+import os
+
+from .backend import Pkcs11Backend, TokenConfig
+from .store import DEFAULT_BOARD_FILE, DEFAULT_STORE_DIR, DEFAULT_VENDOR_KEY, DeviceStore, \
+    LoadedModel, board_name_from_file, load_vendor_public_key
+
+
+class SecureModelSource:
+    def __init__(self, store: DeviceStore):
+        self.store = store
+
+    @classmethod
+    def from_config(cls, *, module: str, token_label: str, pin_file: str | None = None,
+                    pin: str | None = None, store_dir: str = DEFAULT_STORE_DIR,
+                    vendor_key: str = DEFAULT_VENDOR_KEY, board: str | None = None,
+                    board_file: str = DEFAULT_BOARD_FILE) -> "SecureModelSource":
+        backend = Pkcs11Backend(TokenConfig(module=module, token_label=token_label, pin=pin, pin_file=pin_file))
+        return cls(DeviceStore(store_dir, backend, load_vendor_public_key(vendor_key),
+                               board or board_name_from_file(board_file)))
+
+    @classmethod
+    def from_env(cls, environ=os.environ) -> "SecureModelSource":
+        """Same variables as `appliance-agent store` (see appliance.secure.agent)."""
+        from .agent import DEFAULTS
+        g = lambda k: environ.get(k) or DEFAULTS[k]  # noqa: E731
+        return cls.from_config(module=g("APPLIANCE_PKCS11_MODULE"), token_label=g("APPLIANCE_TOKEN_LABEL"),
+                               pin_file=g("APPLIANCE_PIN_FILE"), store_dir=g("APPLIANCE_STORE_DIR"),
+                               vendor_key=g("APPLIANCE_VENDOR_KEY"), board=environ.get("APPLIANCE_BOARD"),
+                               board_file=g("APPLIANCE_BOARD_FILE"))
+
+    def names(self) -> list[str]:
+        return self.store.names()
+
+    def load(self, name: str) -> LoadedModel:
+        return self.store.load(name)

@@ -1,0 +1,188 @@
+"""The device-side encrypted model store.
+
+Layout of the store directory (on the data partition)::
+
+    models/NAME.pkg      the installed package, exactly as received (still encrypted)
+    counter              anti-rollback counter, MACed by the token
+
+Install: parse -> vendor signature -> board -> anti-rollback -> unwrap on the token ->
+decrypt in memory + sha256 check -> atomic write of the package -> advance the counter.
+Load repeats every check (a package file swapped for an older one on disk is refused) and
+returns the plaintext as bytes (or a sealed memfd); plaintext is never written to disk.
+"""
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import os
+from pathlib import Path
+
+from . import envelope
+from .counter import MonotonicCounter, TokenMacFileCounter
+from .envelope import Manifest, parse_package, parse_version
+from .errors import (BoardMismatchError, FormatError, IntegrityError, RollbackError, SecureError,
+                     StoreError)
+from .fsutil import atomic_write, remove_stale_temps
+
+DEFAULT_STORE_DIR = "/var/lib/appliance/models"
+DEFAULT_VENDOR_KEY = "/etc/appliance/vendor-ed25519.pub"
+DEFAULT_BOARD_FILE = "/etc/appliance/board.json"
+
+
+def load_vendor_public_key(path: str | os.PathLike):
+    from cryptography.hazmat.primitives import serialization
+    from cryptography.hazmat.primitives.asymmetric import ed25519
+
+    try:
+        key = serialization.load_pem_public_key(Path(path).read_bytes())
+    except OSError as e:
+        raise StoreError(f"cannot read vendor public key {path}: {e.strerror}") from None
+    except ValueError:
+        raise StoreError(f"vendor public key {path} is not a PEM public key") from None
+    if not isinstance(key, ed25519.Ed25519PublicKey):
+        raise StoreError(f"vendor public key {path} is not an Ed25519 key")
+    return key
+
+
+def board_name_from_file(path: str | os.PathLike) -> str:
+    try:
+        name = json.loads(Path(path).read_text())["name"]
+    except OSError as e:
+        raise StoreError(f"cannot read board file {path}: {e.strerror} (pass --board)") from None
+    except (ValueError, KeyError, TypeError):
+        raise StoreError(f"board file {path} has no 'name' field") from None
+    if not isinstance(name, str) or not name:
+        raise StoreError(f"board file {path}: 'name' must be a non-empty string")
+    return name
+
+
+@dataclasses.dataclass(frozen=True)
+class LoadedModel:
+    """What the runtime's model-source interface expects: name, version, content (bytes)."""
+
+    name: str
+    version: str
+    content: bytes
+    manifest: Manifest
+
+
+@dataclasses.dataclass(frozen=True)
+class InstalledInfo:
+    name: str
+    version: str
+    highest_accepted: str | None
+    boards: tuple[str, ...]
+    sha256: str
+    size: int
+    watermark_id: str | None
+    status: str  # "ok" or a one-line reason
+
+    def as_dict(self) -> dict:
+        d = dataclasses.asdict(self)
+        d["boards"] = list(self.boards)
+        return d
+
+
+class DeviceStore:
+    def __init__(self, store_dir: str | os.PathLike, backend, vendor_public_key, board: str,
+                 counter: MonotonicCounter | None = None):
+        self.dir = Path(store_dir)
+        self.models = self.dir / "models"
+        self.backend = backend
+        self.vendor_key = vendor_public_key
+        self.board = board
+        self.counter = counter or TokenMacFileCounter(self.dir / "counter", backend)
+
+    def _path(self, name: str) -> Path:
+        if not envelope.NAME_RE.match(name):
+            raise StoreError(f"model name {name!r} is not valid")
+        return self.models / f"{name}.pkg"
+
+    def _check(self, data, source: str, *, decrypt: bool) -> tuple[envelope.Package, bytearray | None]:
+        pkg = parse_package(data, source)
+        envelope.verify_manifest(pkg.manifest_raw, pkg.signature, self.vendor_key)
+        m = pkg.manifest
+        if self.board not in m.boards:
+            raise BoardMismatchError(f"{source}: model {m.name} {m.version} is for boards "
+                                     f"{', '.join(m.boards)}, this device is {self.board}")
+        highest = self.counter.get(m.name)
+        if highest is not None and m.version_key() < highest:
+            raise RollbackError(f"{source}: model {m.name} version {m.version} is older than version "
+                                f"{'.'.join(map(str, highest))} already accepted (anti-rollback)")
+        if not decrypt:
+            return pkg, None
+        key = envelope.unwrap_data_key(pkg.keyblock, self.backend)
+        plain = envelope.decrypt(pkg.header_raw, pkg.header, pkg.ciphertext, key)
+        if hashlib.sha256(plain).hexdigest() != m.sha256:
+            raise IntegrityError(f"{source}: decrypted model does not match the manifest sha256")
+        return pkg, plain
+
+    def install(self, data: bytes, source: str = "package") -> Manifest:
+        pkg, _ = self._check(data, source, decrypt=True)
+        self.models.mkdir(parents=True, exist_ok=True)
+        remove_stale_temps(self.models)
+        try:
+            atomic_write(self._path(pkg.manifest.name), bytes(data))
+        except OSError as e:
+            raise StoreError(f"cannot write to store {self.models}: {e.strerror}") from None
+        # After the package is durable: a crash in between leaves a package newer than the
+        # counter, which load accepts (the counter only bounds from below).
+        self.counter.advance(pkg.manifest.name, pkg.manifest.version)
+        return pkg.manifest
+
+    def install_file(self, path: str | os.PathLike) -> Manifest:
+        try:
+            data = Path(path).read_bytes()
+        except OSError as e:
+            raise StoreError(f"cannot read package {path}: {e.strerror}") from None
+        return self.install(data, str(path))
+
+    def names(self) -> list[str]:
+        if not self.models.is_dir():
+            return []
+        return sorted(p.name[:-4] for p in self.models.iterdir()
+                      if p.suffix == ".pkg" and not p.name.startswith("."))
+
+    def _read(self, name: str) -> bytes:
+        path = self._path(name)
+        try:
+            return path.read_bytes()
+        except FileNotFoundError:
+            raise StoreError(f"model {name!r} is not installed in {self.models}") from None
+        except OSError as e:
+            raise StoreError(f"cannot read {path}: {e.strerror}") from None
+
+    def load(self, name: str) -> LoadedModel:
+        pkg, plain = self._check(self._read(name), str(self._path(name)), decrypt=True)
+        return LoadedModel(pkg.manifest.name, pkg.manifest.version, bytes(plain), pkg.manifest)
+
+    def load_memfd(self, name: str) -> int:
+        """Decrypt into a sealed anonymous memory file; returns the fd (caller closes it)."""
+        model = self.load(name)
+        fd = os.memfd_create(f"model-{name}", os.MFD_CLOEXEC | os.MFD_ALLOW_SEALING)
+        try:
+            os.write(fd, model.content)
+            import fcntl
+            fcntl.fcntl(fd, fcntl.F_ADD_SEALS, fcntl.F_SEAL_WRITE | fcntl.F_SEAL_GROW
+                        | fcntl.F_SEAL_SHRINK | fcntl.F_SEAL_SEAL)
+            os.lseek(fd, 0, os.SEEK_SET)
+        except BaseException:
+            os.close(fd)
+            raise
+        return fd
+
+    def list(self) -> list[InstalledInfo]:
+        out = []
+        counters = self.counter.all()
+        for name in self.names():
+            path = self._path(name)
+            try:
+                pkg, _ = self._check(path.read_bytes(), str(path), decrypt=False)
+                m, status = pkg.manifest, "ok"
+            except (SecureError, OSError) as e:
+                out.append(InstalledInfo(name, "?", counters.get(name), (), "", 0, None, str(e)))
+                continue
+            out.append(InstalledInfo(m.name, m.version, counters.get(name), m.boards, m.sha256, m.size,
+                                     m.watermark_id, status))
+        return out

@@ -1,0 +1,131 @@
+"""Device store against a real SoftHSM2 token: install/list/load and every refusal."""
+import hashlib
+import os
+import uuid
+
+import pytest
+from cryptography.hazmat.primitives.asymmetric import ed25519
+
+from appliance.secure import envelope as env
+from appliance.secure import errors as E
+from appliance.secure.backend import Pkcs11Backend
+from appliance.secure.source import SecureModelSource
+from appliance.secure.store import DeviceStore
+
+BOARD = "qemu-arm64"
+
+
+def pkg_for(pem, vendor, data, version="1.0.0", name="det", boards=(BOARD,), wm=None, chunk=4096):
+    m = env.Manifest(name, version, hashlib.sha256(data).hexdigest(), len(data), tuple(boards), wm)
+    return env.build_package(data, m, vendor, pem, chunk_size=chunk)
+
+
+@pytest.fixture
+def store(tmp_path, token_config, device_a, vendor_key):
+    # own MAC key label per test: each test is a fresh device data partition
+    backend = Pkcs11Backend(token_config("dev-a", mac_label=f"mac-{uuid.uuid4().hex}"))
+    yield DeviceStore(tmp_path / "store", backend, vendor_key.public_key(), BOARD)
+    backend.close()
+
+
+def test_install_list_load_and_source(store, device_a, vendor_key):
+    _, pem = device_a
+    data = os.urandom(20000)
+    m = store.install(pkg_for(pem, vendor_key, data, wm="0011223344556677"))
+    assert (m.name, m.version) == ("det", "1.0.0")
+    [info] = store.list()
+    assert (info.name, info.version, info.highest_accepted, info.status) == ("det", "1.0.0", "1.0.0", "ok")
+    assert info.watermark_id == "0011223344556677"
+    src = SecureModelSource(store)
+    assert src.names() == ["det"]
+    model = src.load("det")
+    assert (model.name, model.version, model.content) == ("det", "1.0.0", data)
+    assert isinstance(model.content, bytes)
+    fd = store.load_memfd("det")
+    try:
+        assert os.read(fd, len(data) + 1) == data
+        with pytest.raises(PermissionError):  # sealed against writes
+            os.write(fd, b"x")
+    finally:
+        os.close(fd)
+    with pytest.raises(E.StoreError, match="not installed"):
+        src.load("other")
+
+
+def test_plaintext_never_written_to_disk(store, device_a, vendor_key):
+    _, pem = device_a
+    data = b"PLAINTEXT-MARKER-" * 500
+    store.install(pkg_for(pem, vendor_key, data))
+    store.load("det")
+    for root, _, files in os.walk(store.dir):
+        for f in files:
+            assert b"PLAINTEXT-MARKER" not in open(os.path.join(root, f), "rb").read()
+
+
+def test_rollback_refused_on_install_and_on_swapped_file(store, device_a, vendor_key):
+    _, pem = device_a
+    old = pkg_for(pem, vendor_key, b"v1" * 100, "1.9.0")
+    store.install(old)
+    store.install(pkg_for(pem, vendor_key, b"v2" * 100, "1.10.0"))
+    with pytest.raises(E.RollbackError, match="version 1.9.0 is older than version 1.10.0"):
+        store.install(old)
+    store.install(pkg_for(pem, vendor_key, b"v2" * 100, "1.10.0"))  # same version again: allowed
+    # an attacker puts the old package file back on disk: load refuses it too
+    (store.models / "det.pkg").write_bytes(old)
+    with pytest.raises(E.RollbackError):
+        store.load("det")
+
+
+def test_wrong_board_bad_signature_and_foreign_device(store, device_a, device_b, vendor_key):
+    _, pem = device_a
+    with pytest.raises(E.BoardMismatchError, match="this device is qemu-arm64"):
+        store.install(pkg_for(pem, vendor_key, b"x", boards=("rk3588",)))
+    other_vendor = ed25519.Ed25519PrivateKey.generate()
+    with pytest.raises(E.SignatureError):
+        store.install(pkg_for(pem, other_vendor, b"x"))
+    _, pem_b = device_b
+    with pytest.raises(E.WrongDeviceError):
+        store.install(pkg_for(pem_b, vendor_key, b"x"))
+    assert store.names() == []
+
+
+def test_gcm_failure_on_install_and_on_disk(store, device_a, vendor_key):
+    _, pem = device_a
+    pkg = bytearray(pkg_for(pem, vendor_key, os.urandom(10000)))
+    pkg[-100] ^= 0x40
+    with pytest.raises(E.IntegrityError, match="failed AES-GCM authentication"):
+        store.install(bytes(pkg))
+    pkg[-100] ^= 0x40
+    store.install(bytes(pkg))
+    path = store.models / "det.pkg"
+    raw = bytearray(path.read_bytes())
+    raw[-5000] ^= 1
+    path.write_bytes(raw)
+    with pytest.raises(E.IntegrityError, match="chunk"):
+        store.load("det")
+
+
+def test_counter_file_forged_or_deleted(store, device_a, vendor_key):
+    _, pem = device_a
+    store.install(pkg_for(pem, vendor_key, b"a", "2.0.0"))
+    cpath = store.dir / "counter"
+    body, tag = cpath.read_bytes().rsplit(b"\n", 1)
+    cpath.write_bytes(body.replace(b"2.0.0", b"0.0.0") + b"\n" + tag)
+    with pytest.raises(E.CounterError, match="failed authentication"):
+        store.install(pkg_for(pem, vendor_key, b"a", "1.0.0"))
+    cpath.unlink()
+    with pytest.raises(E.CounterError, match="missing"):
+        store.install(pkg_for(pem, vendor_key, b"a", "1.0.0"))
+
+
+def test_missing_and_locked_token_through_store(tmp_path, token_config, vendor_key, device_a):
+    _, pem = device_a
+    pkg = pkg_for(pem, vendor_key, b"a")
+    gone = DeviceStore(tmp_path, Pkcs11Backend(token_config("no-such-token")), vendor_key.public_key(), BOARD)
+    with pytest.raises(E.TokenMissingError):
+        gone.install(pkg)
+    cfg = token_config("dev-c")
+    locked = DeviceStore(tmp_path, Pkcs11Backend(type(cfg)(module=cfg.module, token_label="dev-c", pin="0000")),
+                         vendor_key.public_key(), BOARD)
+    with pytest.raises(E.TokenLockedError):
+        locked.install(pkg)
