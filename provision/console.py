@@ -242,7 +242,19 @@ class UBootShell:
     def interrupt_autoboot(self, timeout: float | None = None) -> None:
         """Wait for the autoboot countdown (by its text, not by timing) and stop it."""
         timeout = timeout or self.prompt_timeout
-        i, _ = self.con.expect([STAGES["autoboot"], self.PROMPT], timeout)
+        deadline = time.monotonic() + timeout
+        while True:
+            seen = len(self.con.buffer)
+            try:
+                i, _ = self.con.expect([STAGES["autoboot"], self.PROMPT],
+                                       min(5.0, max(0.1, deadline - time.monotonic())))
+                break
+            except ConsoleTimeout:
+                if time.monotonic() >= deadline:
+                    raise
+                if len(self.con.buffer) == seen:
+                    # silent line: the board may already sit at a prompt; Ctrl-C redraws it
+                    self.con.send(b"\x03")
         if i == 0:
             # any key stops it; Ctrl-C also clears a half-typed line
             self.con.send(b"\x03")

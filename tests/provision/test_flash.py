@@ -4,6 +4,7 @@
 
 import os
 import subprocess
+from types import SimpleNamespace
 from pathlib import Path
 
 import pytest
@@ -16,29 +17,17 @@ from appliance.provision.errors import ProvisionError
 MiB = 1 << 20
 
 
-def make_image(d: Path, size_mib: int = 16) -> Path:
-    img = d / "disk.img"
-    with open(img, "wb") as f:
-        f.truncate(size_mib * MiB)
-    subprocess.run(["sfdisk", "-q", str(img)], input="label: gpt\n,4M,L\n,,L\n", text=True, check=True)
-    with open(img, "r+b") as f:
-        f.seek(1 * MiB)  # inside partition 1
-        f.write(os.urandom(512 * 1024))
-        f.seek(6 * MiB)  # inside partition 2
-        f.write(os.urandom(300 * 1024))
-    subprocess.run(["bmaptool", "-q", "create", str(img), "-o", str(img) + ".bmap"], check=True)
-    return img
-
-
-@pytest.fixture
-def image(tmp_path):
-    return make_image(tmp_path)
-
-
-def blank_card(path: Path, size: int) -> Path:
+def blank_card(path, size):
     with open(path, "wb") as f:
         f.truncate(size)
     return path
+
+
+@pytest.fixture
+def image(tmp_path, kit):
+    return kit.make_image(tmp_path)
+
+
 
 
 def test_bmap_parsed_and_self_checked(image, tmp_path):
