@@ -18,7 +18,7 @@ from .config import BuildConfig
 from .customise import customise
 from .disk import plan_disk, write_disk
 from .errors import BuildError
-from .filesystems import make_erofs, make_ext4, stable_uuid
+from .filesystems import make_erofs, make_ext4, make_vfat, stable_uuid
 from .rootfs import build_rootfs, plan_rootfs, require_tools
 from .templates_render import TEMPLATES
 
@@ -58,6 +58,7 @@ def inputs_digest(cfg: BuildConfig, rootfs_key: str) -> str:
     code = cache.tree_digest(Path(__file__).resolve().parent)
     return cache.inputs_hash({
         "rootfs": rootfs_key, "templates": cache.tree_digest(TEMPLATES), "code": code,
+        "overlay": cache.tree_digest(cfg.templates_overlay) if cfg.templates_overlay else None,
         "board": cfg.board.model_dump(mode="json"), "variant": cfg.variant_name, "profile": cfg.profile,
         "version": cfg.image_version, "blobs": blobs, "sde": cfg.source_date_epoch,
     })
@@ -65,7 +66,8 @@ def inputs_digest(cfg: BuildConfig, rootfs_key: str) -> str:
 
 def build(cfg: BuildConfig, console: Console | None = None) -> BuildResult:
     console = console or Console(stderr=True)
-    require_tools("mkfs.ext4", "mkfs.erofs", "sfdisk", "bmaptool", "tar", "depmod", "systemctl")
+    require_tools("mkfs.ext4", "mkfs.erofs", "sfdisk", "bmaptool", "tar", "depmod", "systemctl",
+                  *(("mkfs.vfat", "mcopy") if cfg.board.boot == "uefi" else ()))
     st = Stages(console)
     out_dir = cfg.out_dir
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -94,7 +96,10 @@ def build(cfg: BuildConfig, console: Console | None = None) -> BuildResult:
         layout = plan_disk(cfg)
         with st.stage("filesystems"):
             boot_img, root_img, data_img = work / "boot.fs", work / "root.fs", work / "data.fs"
-            make_ext4(boot, boot_img, cfg.board.disk.boot_mib, "boot", stable_uuid(name, "fs", "boot"), epoch)
+            if cfg.board.boot == "uefi":
+                make_vfat(boot, boot_img, cfg.board.disk.boot_mib, "boot", stable_uuid(name, "fs", "boot")[:8], epoch)
+            else:
+                make_ext4(boot, boot_img, cfg.board.disk.boot_mib, "boot", stable_uuid(name, "fs", "boot"), epoch)
             root_size = make_erofs(root, root_img, stable_uuid(name, "fs", "root"), epoch)
             shutil.rmtree(root)  # frees ~1 GB before the disk is written
             make_ext4(None, data_img, cfg.board.disk.data_mib, "data", stable_uuid(name, "fs", "data"), epoch)

@@ -80,6 +80,9 @@ class BundlePlan:
     backend: str
     mirror: str = DEFAULT_MIRROR
     apt_packages: tuple[str, ...] = BUILDER_APT_PACKAGES
+    # Installed into the builder copy, not the base chroot: PyInstaller needs the shared
+    # libpython, which Debian's (static) python3 does not pull in.
+    builder_apt: tuple[str, ...] = ()
     requirements: tuple[str, ...] = ()
     pyinstaller: str = PYINSTALLER
     pyinstaller_options: tuple[str, ...] = PYINSTALLER_OPTIONS
@@ -95,7 +98,7 @@ class BundlePlan:
     def builder_key(self) -> str:
         return cache.inputs_hash({
             "stage": "bundle-builder", "v": 1, "chroot": self.chroot_key(),
-            "req": self.requirements, "pyinstaller": self.pyinstaller,
+            "apt": self.builder_apt, "req": self.requirements, "pyinstaller": self.pyinstaller,
         })
 
     def bundle_key(self) -> str:
@@ -139,6 +142,7 @@ def plan_bundle(arch: str, suite: str, runtime_backend: str | None = None,
         raise BuildError(f"bundle: device source {source_root / 'runtime'} is missing")
     return BundlePlan(
         arch=arch, suite=suite, backend=backend, mirror=mirror,
+        builder_apt=(f"libpython{py[0]}.{py[1]}",),
         requirements=tuple(sorted(COMMON_REQUIREMENTS + BACKEND_REQUIREMENTS[backend])),
         source_digest=cache.inputs_hash(sources),
         sources={name: str(source_root / name) for name in sources},
@@ -214,7 +218,10 @@ def build_builder(plan: BundlePlan, progress: Progress | None = None) -> tuple[P
         shutil.copy2("/etc/resolv.conf", root / "etc/resolv.conf")
         shutil.copy2("/etc/ssl/certs/ca-certificates.crt", root / "etc/ssl/host-ca-bundle.crt")
         say(f"pip install {len(plan.requirements)} pinned requirements + {plan.pyinstaller}")
-        script = ("python3 -m venv /opt/builder-venv && "
+        script = ("apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "
+                  "--no-install-recommends " + shlex.join(plan.builder_apt)
+                  + " && apt-get clean && rm -rf /var/lib/apt/lists/* && "
+                  "python3 -m venv /opt/builder-venv && "
                   "/opt/builder-venv/bin/pip install --no-cache-dir --only-binary=:all: "
                   + shlex.join([*plan.requirements, plan.pyinstaller])
                   + " && /opt/builder-venv/bin/pip freeze > /opt/builder-venv/freeze.txt")

@@ -35,6 +35,8 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--bootloader", type=Path, metavar="DIR", help="directory with the board's boot blobs")
     p.add_argument("--mirror", default=DEFAULT_MIRROR, help="Debian mirror URL")
     p.add_argument("--image-version", default="0.1.0", help="version recorded in the image and manifest")
+    p.add_argument("--templates-overlay", type=Path, metavar="DIR",
+                   help="directory laid out like image/templates/ whose files replace or add to the built-in ones")
     p.add_argument("--boards-dir", type=Path, default=None, help=argparse.SUPPRESS)
     p.add_argument("--list-boards", action="store_true", help="list boards and variants, one per line")
     return p
@@ -52,7 +54,7 @@ def main(argv: list[str] | None = None) -> int:
             raise BuildError("--board is required (see --list-boards)")
         cfg = make_config(args.board, variant=args.variant, profile=args.profile, out_dir=args.out,
                           bootloader_dir=args.bootloader, mirror=args.mirror, boards_dir=boards_dir,
-                          image_version=args.image_version)
+                          image_version=args.image_version, templates_overlay=args.templates_overlay)
         if cfg.board.bootloader and not cfg.bootloader_dir:
             console.print(f"note: no --bootloader given: this image carries no {cfg.board.name} boot blobs and "
                           "is for boards that boot from U-Boot in SPI flash")

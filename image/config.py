@@ -1,11 +1,11 @@
 """The build configuration: board + variant + profile merged and validated once."""
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
-from .boards import Board, Variant, load_board, resolve_variant
+from .boards import Board, Variant, board_names, load_board, resolve_variant
 from .errors import BuildError
 
 Profile = Literal["production", "debug"]
@@ -27,7 +27,9 @@ class BuildConfig:
     bootloader_dir: Path | None = None
     source_date_epoch: int = DEFAULT_SOURCE_DATE_EPOCH
     image_version: str = "0.1.0"
-    extra: dict = field(default_factory=dict)
+    # Boards of the same arch and suite share one rootfs (see rootfs.plan_rootfs).
+    peers: tuple[Board, ...] = ()
+    templates_overlay: Path | None = None
 
     @property
     def image_name(self) -> str:
@@ -52,8 +54,15 @@ def make_config(
     mirror: str = DEFAULT_MIRROR,
     boards_dir: Path | None = None,
     image_version: str = "0.1.0",
+    templates_overlay: Path | None = None,
 ) -> BuildConfig:
     board = load_board(board_name, boards_dir)
+    peers = tuple(
+        b for b in (load_board(n, boards_dir) for n in board_names(boards_dir))
+        if b.arch == board.arch and b.suite == board.suite
+    )
+    if templates_overlay is not None and not templates_overlay.is_dir():
+        raise BuildError(f"--templates-overlay {templates_overlay}: not a directory")
     vname, v = resolve_variant(board, variant)
     if profile not in PROFILES:
         raise BuildError(f"unknown profile {profile!r} (one of: {', '.join(PROFILES)})")
@@ -83,4 +92,6 @@ def make_config(
         mirror=mirror,
         bootloader_dir=bootloader_dir,
         image_version=image_version,
+        peers=peers,
+        templates_overlay=templates_overlay,
     )

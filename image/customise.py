@@ -142,6 +142,8 @@ def customise(cfg: BuildConfig, tarball: Path, root: Path, boot: Path, build_inf
         p.unlink() if not p.is_dir() or p.is_symlink() else shutil.rmtree(p)
     if kernel.dtb_dir is not None:
         shutil.rmtree(kernel.dtb_dir)
+    if cfg.board.boot == "uefi":
+        install_systemd_boot(root, boot, cfg.board.arch)
     for link in ("vmlinuz", "vmlinuz.old", "initrd.img", "initrd.img.old"):
         if (root / link).is_symlink():
             (root / link).unlink()
@@ -154,8 +156,8 @@ def customise(cfg: BuildConfig, tarball: Path, root: Path, boot: Path, build_inf
     (root / "data").mkdir(exist_ok=True)
 
     ctx = template_context(cfg, build_info)
-    rendered = render_tree("rootfs", root, ctx)
-    rendered_boot = render_tree(f"boot-{cfg.board.boot}", boot, ctx)
+    rendered = render_tree("rootfs", root, ctx, cfg.templates_overlay)
+    rendered_boot = render_tree(f"boot-{cfg.board.boot}", boot, ctx, cfg.templates_overlay)
 
     _systemctl(root, "enable", *UNITS_ENABLED)
     masked = list(UNITS_MASKED_ALWAYS)
@@ -171,6 +173,22 @@ def customise(cfg: BuildConfig, tarball: Path, root: Path, boot: Path, build_inf
         "rendered": sorted(rendered + [f"boot:{p}" for p in rendered_boot]),
         "packages": dpkg_packages(root),
     }
+
+
+EFI_NAMES = {"amd64": ("systemd-bootx64.efi", "BOOTX64.EFI"), "arm64": ("systemd-bootaa64.efi", "BOOTAA64.EFI")}
+
+
+def install_systemd_boot(root: Path, boot: Path, arch: str) -> None:
+    """The removable-media path (EFI/BOOT/BOOTx.EFI) boots without NVRAM entries, as a fresh
+    board and OVMF both need."""
+    src_name, dst_name = EFI_NAMES[arch]
+    src = root / "usr/lib/systemd/boot/efi" / src_name
+    if not src.is_file():
+        raise BuildError(f"rootfs: {src.relative_to(root)} missing (package systemd-boot-efi)")
+    for d in ("EFI/BOOT", "EFI/systemd"):
+        (boot / d).mkdir(parents=True, exist_ok=True)
+    shutil.copy2(src, boot / "EFI/BOOT" / dst_name)
+    shutil.copy2(src, boot / "EFI/systemd" / src_name)
 
 
 def clamp_mtimes(tree: Path, epoch: int) -> None:

@@ -49,3 +49,21 @@ def make_erofs(src: Path, out: Path, fs_uuid: str, epoch: int, compress: str | N
     argv += [str(out), str(src)]
     _run(argv, "mkfs.erofs for the root filesystem")
     return out.stat().st_size
+
+
+def make_vfat(src: Path, out: Path, size_mib: int, label: str, volume_id: str, epoch: int) -> None:
+    """ESP for UEFI boards, filled with mtools (vfat cannot be loop-mounted here)."""
+    if out.exists():
+        out.unlink()
+    with open(out, "wb") as f:
+        f.truncate(size_mib * MiB)
+    _run(["mkfs.vfat", "-F", "32", "-n", label.upper()[:11], "-i", volume_id, "--invariant", str(out)],
+         f"mkfs.vfat for partition {label!r}")
+    entries = sorted(p.name for p in src.iterdir())
+    if entries:
+        env_tz = {"TZ": "UTC", "SOURCE_DATE_EPOCH": str(epoch), "MTOOLS_SKIP_CHECK": "1",
+                  "PATH": "/usr/sbin:/usr/bin:/sbin:/bin"}
+        r = subprocess.run(["mcopy", "-s", "-p", "-m", "-i", str(out), *[str(src / e) for e in entries], "::/"],
+                           capture_output=True, text=True, env=env_tz)
+        if r.returncode != 0:
+            raise BuildError(f"mcopy into partition {label!r} failed: {r.stderr.strip()[:300]}")

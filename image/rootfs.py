@@ -71,14 +71,32 @@ class RootfsPlan:
         return argv
 
 
+def initramfs_union(boards) -> tuple[str, ...]:
+    """Modules forced into the initramfs, first-seen order over boards sorted by name.
+
+    One rootfs serves every board of an arch and suite (a second 10-minute mmdebstrap under
+    emulation per board would buy nothing: the lists only add small modules).
+    """
+    seen: dict[str, None] = {}
+    for b in sorted(boards, key=lambda b: b.name):
+        for m in b.modules.initramfs:
+            seen.setdefault(m, None)
+    return tuple(seen)
+
+
+BOOT_PACKAGES = {"extlinux": (), "uefi": ("systemd-boot-efi",)}
+
+
 def plan_rootfs(cfg: BuildConfig) -> RootfsPlan:
-    pkgs = sorted(set(BASE_PACKAGES) | {cfg.board.kernel_package})
+    peers = cfg.peers or (cfg.board,)
+    boot_pkgs = {p for b in peers for p in BOOT_PACKAGES[b.boot]}
+    pkgs = sorted(set(BASE_PACKAGES) | {cfg.board.kernel_package} | boot_pkgs)
     return RootfsPlan(
         arch=cfg.board.arch,
         suite=cfg.board.suite,
         mirror=cfg.mirror,
         packages=tuple(pkgs),
-        initramfs_modules=tuple(cfg.board.modules.initramfs),
+        initramfs_modules=initramfs_union(peers),
         dpkg_options=DPKG_OPTIONS,
         source_date_epoch=cfg.source_date_epoch,
     )

@@ -124,3 +124,20 @@ def test_templates_rk3588_extlinux(tmp_path):
     assert "console=ttyS2,1500000" in ext
     import json
     assert json.loads((root / "etc/appliance/board.json").read_text())["cpu"]["big"] == [4, 5, 6, 7]
+
+
+def test_templates_overlay_replaces_and_adds(tmp_path):
+    ov = tmp_path / "ov"
+    (ov / "rootfs/etc").mkdir(parents=True)
+    (ov / "rootfs/etc/hostname.j2").write_text("custom-{{ board.name }}\n")
+    (ov / "rootfs/etc/extra.conf.j2").write_text("x={{ profile }}\n")
+    c = make_config("qemu-arm64", boards_dir=B, templates_overlay=ov)
+    root = tmp_path / "root"
+    written = render_tree("rootfs", root, template_context(c, {}), c.templates_overlay)
+    assert (root / "etc/hostname").read_text() == "custom-qemu-arm64\n"
+    assert (root / "etc/extra.conf").read_text() == "x=production\n"
+    assert "etc/fstab" in written  # built-ins still there
+
+
+def test_arm64_boards_share_one_rootfs():
+    assert plan_rootfs(cfg()).key() == plan_rootfs(cfg("rk3588", variant="rock-5b")).key()
