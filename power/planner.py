@@ -35,10 +35,11 @@ def required_freq(depth: int, rate: float, cycles: float, mem_s: float, slo_s: f
 
 
 def choose_opp(dm: DomainModel, depth: int, rate: float, cycles: float, mem_s: float, slo_s: float,
-               t: Tunables, cap_opp: int | None = None) -> int:
+               t: Tunables, cap_opp: int | None = None, floor_opp: int | None = None) -> int:
+    """`floor_opp`: the critical OPP if the caller cached dm.critical_opp(cycles, mem_s)."""
     need = required_freq(depth, rate, cycles, mem_s, slo_s, t)
     i = dm.opp_at_or_above(need) if need != float("inf") else len(dm.freqs) - 1
-    i = max(i, dm.critical_opp(cycles, mem_s))
+    i = max(i, dm.critical_opp(cycles, mem_s) if floor_opp is None else floor_opp)
     if cap_opp is not None:
         i = min(i, cap_opp)
     return i

@@ -187,6 +187,7 @@ class Ours(Governor):
         self._arrived = 0
         svc = prof.service
         self.c, self.m, self.slo = svc.cycles, svc.mem_s, svc.slo_s
+        self.floor = dm.critical_opp(self.c, self.m)
         self.opp = self.decide(0, 0.0)
 
     @property
@@ -203,7 +204,7 @@ class Ours(Governor):
         self._arrived = arrived
 
     def decide(self, depth: int, rate: float) -> int:
-        return planner.choose_opp(self.dm, depth, rate, self.c, self.m, self.slo, self.tun)
+        return planner.choose_opp(self.dm, depth, rate, self.c, self.m, self.slo, self.tun, floor_opp=self.floor)
 
     def update(self, t, event, running_before, running_after, depth, busy_total, arrived):
         self.roll(t, arrived)
