@@ -60,15 +60,23 @@ BACKEND_MAX_PYTHON = {"tflite_runtime": (3, 11), "litert": (3, 13)}
 
 PYINSTALLER_OPTIONS = (
     "--onedir", "--strip", "--noconfirm", "--clean", "--name", "appliance-agent",
-    # The agent dispatches to subcommands lazily with importlib: PyInstaller cannot see
-    # those imports, so the device packages are collected explicitly.
-    "--collect-submodules", "appliance.runtime",
-    "--collect-submodules", "appliance.power",
-    "--collect-submodules", "appliance.secure",
     "--exclude-module", "appliance.image", "--exclude-module", "appliance.provision",
     "--exclude-module", "tkinter", "--exclude-module", "tflite",
-    "--exclude-module", "flatbuffers",
+    "--exclude-module", "flatbuffers", "--exclude-module", "matplotlib",
 )
+BACKEND_MODULE = {"litert": "ai_edge_litert.interpreter", "tflite_runtime": "tflite_runtime.interpreter"}
+
+
+def hidden_imports(sources: dict[str, str], backend: str) -> tuple[str, ...]:
+    """The agent dispatches with importlib and the interpreter is imported by name, so
+    PyInstaller sees none of it: name every device module and the backend explicitly.
+    (--collect-submodules does not work here: it imports in a child without --paths.)"""
+    mods = [BACKEND_MODULE[backend]]
+    for pkg, path in sorted(sources.items()):
+        for f in sorted(Path(path).glob("*.py")):
+            if f.stem != "__init__":
+                mods.append(f"appliance.{pkg}.{f.stem}")
+    return tuple(x for m in mods for x in ("--hidden-import", m))
 
 Progress = Callable[[str], None]
 
@@ -140,12 +148,14 @@ def plan_bundle(arch: str, suite: str, runtime_backend: str | None = None,
             sources[name] = cache.tree_digest(d)
     if "runtime" not in sources:
         raise BuildError(f"bundle: device source {source_root / 'runtime'} is missing")
+    source_dirs = {name: str(source_root / name) for name in sources}
     return BundlePlan(
         arch=arch, suite=suite, backend=backend, mirror=mirror,
+        pyinstaller_options=PYINSTALLER_OPTIONS + hidden_imports(source_dirs, backend),
         builder_apt=(f"libpython{py[0]}.{py[1]}",),
         requirements=tuple(sorted(COMMON_REQUIREMENTS + BACKEND_REQUIREMENTS[backend])),
         source_digest=cache.inputs_hash(sources),
-        sources={name: str(source_root / name) for name in sources},
+        sources=source_dirs,
     )
 
 
@@ -238,14 +248,15 @@ def build_builder(plan: BundlePlan, progress: Progress | None = None) -> tuple[P
 
 
 def build_agent_bundle(arch: str, suite: str, *, runtime_backend: str | None = None,
-                       progress: Progress | None = None, mirror: str = DEFAULT_MIRROR) -> Path:
+                       progress: Progress | None = None, mirror: str = DEFAULT_MIRROR,
+                       source_root: Path = REPO) -> Path:
     """Return the onedir bundle directory; ``<dir>/appliance-agent`` is the executable.
 
     Both stages are cached; a warm call returns in milliseconds. ``<dir>/../manifest.json``
     records backend, pip freeze and size.
     """
     say = progress or (lambda _m: None)
-    plan = plan_bundle(arch, suite, runtime_backend, mirror)
+    plan = plan_bundle(arch, suite, runtime_backend, mirror, source_root)
     key = plan.bundle_key()
     hit = cache.lookup("agent-bundle", key)
     if hit:
@@ -317,3 +328,19 @@ def main(argv: list[str] | None = None) -> int:
 
 if __name__ == "__main__":
     raise SystemExit(main())
+
+
+def chroot_command(root: Path, argv: list[str], binds: dict[str, Path]) -> list[str]:
+    """argv that runs `argv` inside the chroot `root` with host dirs bound at the given
+    chroot paths (private mount namespace: nothing stays mounted). Shares the host network,
+    so a daemon inside listens on the host's 127.0.0.1. Used to run a trixie bundle on a
+    bookworm host (the bundle needs the target's glibc) in tests and benchmarks."""
+    r = Path(root)
+    steps = [f"mount --rbind /proc {shlex.quote(str(r / 'proc'))}",
+             f"mount --rbind /dev {shlex.quote(str(r / 'dev'))}"]
+    for inside, host in binds.items():
+        target = r / inside.lstrip("/")
+        steps.append(f"mkdir -p {shlex.quote(str(target))}")
+        steps.append(f"mount --bind {shlex.quote(str(host))} {shlex.quote(str(target))}")
+    steps.append("exec " + shlex.join(["chroot", str(r), *argv]))
+    return ["unshare", "--mount", "--propagation", "private", "/bin/sh", "-ec", " && ".join(steps)]
