@@ -101,6 +101,7 @@ class Manager:
         self.parked = False
         self.cap_opp = 0
         self.metrics_warned = False
+        self._avail: dict[str, list[int]] = {}
         if not self.observe_only:
             self.dm = domain_model(prof)
             self.cap_opp = len(self.dm.freqs) - 1
@@ -241,17 +242,31 @@ class Manager:
                         park=sp.park, suspend_until=(s.t + sp.wake_after_s) if sp.suspend else None)
 
     # ---------------------------------------------------------------- effects
+    def _snap(self, policy: str, khz: int) -> int:
+        """The kernel's table can differ from the profile (a board DT may drop OPPs): use the
+        lowest available frequency at or above the plan, else the highest available."""
+        path = self.fs.policy_dir(policy) / "scaling_available_frequencies"
+        if policy not in self._avail:
+            try:
+                self._avail[policy] = sorted(int(x) for x in self.fs.read(path).split())
+            except (OSError, ValueError):
+                self._avail[policy] = []
+        avail = self._avail[policy]
+        if not avail or khz in avail:
+            return khz
+        return next((f for f in avail if f >= khz), avail[-1])
+
     def apply(self, d: Decision) -> None:
         if self.dry_run or d is None:
             return
         cap_khz = int(round(self.dm.freqs[d.cap_opp] / 1e3))
         for name in self.prof.service.policies:
             if self.mode == "userspace":
-                self.fs.policy_set(name, "scaling_setspeed", d.freq_khz)
+                self.fs.policy_set(name, "scaling_setspeed", self._snap(name, d.freq_khz))
             else:
                 # Raise max before min so the kernel never sees min > max.
                 self.fs.policy_set(name, "scaling_max_freq", cap_khz)
-                self.fs.policy_set(name, "scaling_min_freq", d.freq_khz)
+                self.fs.policy_set(name, "scaling_min_freq", min(cap_khz, self._snap(name, d.freq_khz)))
         # Thermal cap on the other policies too: they share the package.
         for p in self.prof.policies:
             if p.name not in self.prof.service.policies:

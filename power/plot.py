@@ -18,6 +18,7 @@ def _save(fig, path: Path) -> None:
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".png")
     os.close(fd)
     try:
+        os.chmod(tmp, 0o644)  # mkstemp makes 0600; a plot is not a secret
         fig.savefig(tmp, dpi=90)
         with open(tmp, "rb") as f:
             os.fsync(f.fileno())
@@ -57,7 +58,14 @@ def pareto(curves: dict[str, list[tuple[float, float, str]]], path: Path, title:
     fig, ax = plt.subplots(figsize=(8, 5.5))
     for name, pts in curves.items():
         pts = sorted(pts)
-        ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", ms=4, label=name)
+        # Frontier: points no other configuration beats on both p99 and energy.
+        front, best = [], float("inf")
+        for p in pts:
+            if p[1] < best:
+                front.append(p)
+                best = p[1]
+        line, = ax.plot([p[0] for p in front], [p[1] for p in front], marker="o", ms=4, label=name)
+        ax.scatter([p[0] for p in pts], [p[1] for p in pts], s=10, color=line.get_color(), alpha=0.4)
         for x, y, lab in pts:
             if lab:
                 ax.annotate(lab, (x, y), fontsize=6, alpha=0.7)

@@ -94,6 +94,7 @@ def write_csv(trace: Trace, path: Path) -> None:
     path = Path(path)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
+        os.chmod(tmp, 0o644)  # mkstemp makes 0600; a trace is not a secret
         with os.fdopen(fd, "w") as f:
             f.write(f"# appliance power trace {trace.name}\n# period_s={trace.period_s:g}\n")
             f.write("arrival_s,work\n")

@@ -342,3 +342,28 @@ def test_daemon_imports_stay_light():
     r = subprocess.run([sys.executable, "-c", code], env=dict(os.environ, PYTHONPATH=str(REPO)),
                        capture_output=True, text=True)
     assert r.returncode == 0, r.stdout + r.stderr
+
+
+def test_snaps_to_the_kernels_available_frequencies(tmp_path, metrics):
+    # A board DT that dropped 1.2 GHz from cluster1: the plan (lowest OPP) must become 1.416 GHz.
+    prof = load_board_profile("rk3588")
+    fs = make_tree(tmp_path, prof)
+    for name in ("policy4", "policy6"):
+        fs.policy_set(name, "scaling_available_frequencies", "1416000 1608000 1800000 2016000 2208000 2400000")
+    m = manager(tmp_path, prof, fs, metrics.url)
+    m.take_control()
+    m.step()
+    assert pol(fs, "policy4", "scaling_setspeed") == "1416000"
+    m.restore()
+
+
+def test_dispatch_through_appliance_agent(tmp_path):
+    # The runtime area's multi-call executable hands `power ...` to appliance.power.agent:main.
+    (tmp_path / "proc").mkdir()
+    write_stat(tmp_path / "proc", [(1, 1)] * 2)
+    r = subprocess.run([str(Path(sys.executable).parent / "appliance-agent"), "power", "run", "--board", "qemu-arm64",
+                        "--sysfs-root", str(tmp_path / "sys"), "--procfs-root", str(tmp_path / "proc"),
+                        "--metrics-url", "", "--state-file", str(tmp_path / "s.json"),
+                        "--interval", "0.01", "--iterations", "2"], capture_output=True, text=True, timeout=60)
+    assert r.returncode == 0, r.stderr
+    assert "observe-only" in r.stderr and "Traceback" not in r.stderr
