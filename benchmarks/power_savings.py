@@ -71,7 +71,7 @@ def main(argv=None) -> int:
     ap.add_argument("--seeds", type=int, default=3)
     ap.add_argument("--miss-budget", type=float, default=0.01)
     ap.add_argument("--boards", default="rk3588,x86-mini")
-    ap.add_argument("--traces", default="diurnal,steady,spiky")
+    ap.add_argument("--traces", default="diurnal,steady,spiky,office")
     ap.add_argument("--out", type=Path, default=Path(__file__).resolve().parent / "results" / "power")
     ap.add_argument("--traces-dir", type=Path, default=Path(__file__).resolve().parent / "traces")
     a = ap.parse_args(argv)
@@ -103,7 +103,7 @@ def main(argv=None) -> int:
                                                            s["label"] if fam == "ours" else ""))
                     pareto(curves, a.out / f"pareto-{board}-{kind}.png",
                            f"{board} / {kind} (seed 0): energy per inference vs p99; SLO {1e3 * prof.service.slo_s:.0f} ms")
-                    if kind == "diurnal":
+                    if kind in ("diurnal", "office"):
                         recs = [sim.simulate(prof, tr, fam.split("-")[0], best[fam][1]["params"], record=True)
                                                 for fam in ("ours", "ondemand-default", "schedutil-default", "optimal")
                                 if fam in best]

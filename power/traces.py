@@ -13,6 +13,9 @@ Generators (numpy PCG64 seeded, so a (kind, seed, duration) triple is the same t
   starting as a Poisson process (one per 300 s on average) lasting 10-40 s at 2.5x the rate.
 - steady: constant low load (2 req/s), Poisson arrivals.
 - spiky: 0.3 req/s background plus a spike every 20-120 s (uniform): 4-10 requests in 0.5 s.
+- office: like diurnal but closed at night: rate = hi*max(0, (raised cosine - 0.3)/0.7), so
+  about a third of each period has no requests at all (what suspend-to-RAM is for); bursts
+  only during opening hours.
 Work per request is lognormal around 1.0 (sigma 0.15): inputs differ a little in cost.
 """
 from __future__ import annotations
@@ -27,7 +30,7 @@ import numpy as np
 
 from .errors import PowerError
 
-KINDS = ("diurnal", "steady", "spiky")
+KINDS = ("diurnal", "steady", "spiky", "office")
 
 
 @dataclass
@@ -68,6 +71,20 @@ def generate(kind: str, seed: int = 0, duration_s: float | None = None, period_s
             return base * mult
 
         t = _poisson(rng, rate, hi * 2.5, 0.0, dur)
+    elif kind == "office":
+        dur = duration_s or 2 * period_s
+        nb = rng.poisson(dur / 300.0)
+        starts = np.sort(rng.uniform(0, dur, nb))
+        lens = rng.uniform(10, 40, nb)
+
+        def rate(t):
+            shape = np.maximum(0.0, ((1 - np.cos(2 * math.pi * t / period_s)) / 2 - 0.3) / 0.7)
+            mult = np.ones_like(t)
+            for s, ln in zip(starts, lens):
+                mult = np.where((t >= s) & (t < s + ln), 2.5, mult)
+            return hi * shape * mult
+
+        t = _poisson(rng, rate, hi * 2.5, 0.0, dur)
     elif kind == "steady":
         dur = duration_s or 1800.0
         t = _poisson(rng, lambda x: np.full_like(x, 2.0), 2.0, 0.0, dur)
@@ -85,7 +102,7 @@ def generate(kind: str, seed: int = 0, duration_s: float | None = None, period_s
     else:
         raise PowerError(f"unknown trace kind {kind!r} (one of: {', '.join(KINDS)})")
     work = rng.lognormal(mean=-0.5 * 0.15 ** 2, sigma=0.15, size=len(t))
-    return Trace(arrivals=t, work=work, period_s=period_s if kind == "diurnal" else 86400.0,
+    return Trace(arrivals=t, work=work, period_s=period_s if kind in ("diurnal", "office") else 86400.0,
                  name=f"{kind}-s{seed}")
 
 

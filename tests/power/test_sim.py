@@ -62,7 +62,7 @@ def test_service_time_integrates_across_a_frequency_change(rk):
 
 
 @pytest.mark.parametrize("policy", ["ours", "ondemand", "schedutil", "performance", "powersave", "optimal"])
-@pytest.mark.parametrize("kind", ["diurnal", "spiky"])
+@pytest.mark.parametrize("kind", ["diurnal", "spiky", "office"])
 def test_conservation(rk, policy, kind):
     tr = generate(kind, seed=3, duration_s=600.0, period_s=300.0)
     r = sim.simulate(rk, tr, policy)
@@ -146,6 +146,17 @@ def test_suspend_only_when_allowed_and_wake_costs_latency(x86, rk):
     assert rx.latencies[1] >= x86.idle_policy.resume_latency_s
     rr = sim.simulate(rk, tr, "ours")
     assert rr.asleep_s == 0
+
+
+def test_office_trace_suspends_at_night_on_x86_only(x86, rk):
+    tr = generate("office", seed=4, duration_s=1200.0, period_s=600.0)
+    # ~1/3 of each period has no requests: quiet nights.
+    gaps = np.diff(tr.arrivals)
+    assert gaps.max() > 120
+    rx, od = sim.simulate(x86, tr, "ours"), sim.simulate(x86, tr, "ondemand")
+    assert rx.asleep_s > 100 and rx.energy_j < od.energy_j
+    assert rx.miss_frac <= 0.02          # only requests that wake the box pay the resume
+    assert sim.simulate(rk, tr, "ours").asleep_s == 0
 
 
 def test_trace_generator_reproducible_and_csv_roundtrip(tmp_path):
