@@ -133,7 +133,7 @@ def run(args, env) -> int:
             m = store.install_file(args.package)
             print(f"installed {m.name} {m.version}")
         elif args.cmd == "check":
-            m = store.load(args.name)
+            m = store.load(args.name, rehash=True)
             print(f"ok {m.name} {m.version} sha256={m.manifest.sha256}")
         elif args.cmd == "list":
             items = store.list()

@@ -70,12 +70,13 @@ class TokenBackend(abc.ABC):
         """RSA-OAEP decrypt on the token (hash and MGF1 hash both `hash_name`)."""
 
     @abc.abstractmethod
-    def mac(self, data: bytes) -> bytes:
-        """HMAC-SHA256 under a token-held secret (created on first use)."""
+    def mac(self, data: bytes, purpose: str = "counter") -> bytes:
+        """HMAC-SHA256 under a token-held secret for `purpose` ("counter" or "seal"), created
+        on first use. Separate secrets: the counter's secret existing means "counter initialised"."""
 
     @abc.abstractmethod
-    def has_mac_key(self) -> bool:
-        """Whether the MAC secret exists (the counter has been initialised on this token)."""
+    def has_mac_key(self, purpose: str = "counter") -> bool:
+        """Whether the MAC secret for `purpose` exists on the token."""
 
     def close(self) -> None:  # pragma: no cover - default no-op
         pass
@@ -103,6 +104,7 @@ class Pkcs11Backend(TokenBackend):
     def __init__(self, config: TokenConfig):
         self.config = config
         self._session = None
+        self._pem = None
 
     # -- plumbing -------------------------------------------------------------------------
     def _open(self):
@@ -183,6 +185,11 @@ class Pkcs11Backend(TokenBackend):
         return self.public_key_pem()
 
     def public_key_pem(self) -> bytes:
+        if getattr(self, "_pem", None) is None:
+            self._pem = self._read_public_key_pem()
+        return self._pem
+
+    def _read_public_key_pem(self) -> bytes:
         from cryptography.hazmat.primitives import serialization
         from cryptography.hazmat.primitives.asymmetric import rsa
         from pkcs11 import Attribute, ObjectClass
@@ -233,18 +240,24 @@ class Pkcs11Backend(TokenBackend):
                                  "(tampered package or encrypted for another device)") from None
 
     # -- counter MAC --------------------------------------------------------------------------
-    def has_mac_key(self) -> bool:
+    def _mac_label(self, purpose: str) -> str:
+        if purpose not in ("counter", "seal"):
+            raise ValueError(purpose)
+        return self.config.mac_label if purpose == "counter" else self.config.mac_label + "-seal"
+
+    def has_mac_key(self, purpose: str = "counter") -> bool:
         from pkcs11 import ObjectClass
 
-        return self._find(ObjectClass.SECRET_KEY, self.config.mac_label) is not None
+        return self._find(ObjectClass.SECRET_KEY, self._mac_label(purpose)) is not None
 
-    def mac(self, data: bytes) -> bytes:
+    def mac(self, data: bytes, purpose: str = "counter") -> bytes:
         from pkcs11 import Attribute, KeyType, Mechanism, ObjectClass
 
-        key = self._find(ObjectClass.SECRET_KEY, self.config.mac_label)
+        label = self._mac_label(purpose)
+        key = self._find(ObjectClass.SECRET_KEY, label)
         if key is None:
             key = self._open().generate_key(
-                KeyType.GENERIC_SECRET, 256, label=self.config.mac_label, store=True,
+                KeyType.GENERIC_SECRET, 256, label=label, store=True,
                 template={Attribute.SENSITIVE: True, Attribute.EXTRACTABLE: False,
                           Attribute.SIGN: True, Attribute.VERIFY: True,
                           Attribute.ENCRYPT: False, Attribute.DECRYPT: False,

@@ -347,8 +347,8 @@ def encrypt(plaintext: bytes, data_key: bytes, chunk_size: int = DEFAULT_CHUNK,
     return header_raw, b"".join(out)
 
 
-def decrypt(header_raw: bytes, header: Header, ciphertext, data_key: bytes) -> bytearray:
-    """Decrypt all chunks into one in-memory buffer (plaintext never touches disk)."""
+def decrypt(header_raw: bytes, header: Header, ciphertext, data_key: bytes) -> bytes:
+    """Decrypt all chunks into one in-memory bytes object (plaintext never touches disk)."""
     from cryptography.exceptions import InvalidTag
     from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
@@ -357,18 +357,40 @@ def decrypt(header_raw: bytes, header: Header, ciphertext, data_key: bytes) -> b
     hh = hashlib.sha256(header_raw).digest()
     aes = AESGCM(data_key)
     ct = memoryview(ciphertext)
-    out = bytearray(header.plaintext_size)
     step = header.chunk_size + TAG
+    pieces = []
     for i in range(header.chunks):
-        piece = ct[i * step:(i + 1) * step]
         try:
-            pt = aes.decrypt(header.nonce_prefix + struct.pack(">I", i), piece,
-                             _aad(hh, i, i == header.chunks - 1))
+            pieces.append(aes.decrypt(header.nonce_prefix + struct.pack(">I", i), ct[i * step:(i + 1) * step],
+                                      _aad(hh, i, i == header.chunks - 1)))
         except InvalidTag:
             raise IntegrityError(f"chunk {i} failed AES-GCM authentication "
                                  "(ciphertext altered, truncated or reordered)") from None
-        out[i * header.chunk_size:i * header.chunk_size + len(pt)] = pt
-    return out
+    # one join (a single copy); a one-chunk package returns the decrypted bytes as they are
+    return pieces[0] if len(pieces) == 1 else b"".join(pieces)
+
+
+def decrypt_into(header_raw: bytes, header: Header, ciphertext, data_key: bytes, out) -> None:
+    """Decrypt straight into a writable buffer of plaintext_size bytes (e.g. an mmap of a memfd):
+    no intermediate copy. On failure the buffer holds partial plaintext: the caller discards it."""
+    from cryptography.exceptions import InvalidTag
+    from cryptography.hazmat.primitives.ciphers.aead import AESGCM
+
+    if len(data_key) != 32:
+        raise IntegrityError("unwrapped data key is not 32 bytes")
+    hh = hashlib.sha256(header_raw).digest()
+    aes = AESGCM(data_key)
+    ct, dst = memoryview(ciphertext), memoryview(out)
+    step = header.chunk_size + TAG
+    for i in range(header.chunks):
+        piece = ct[i * step:(i + 1) * step]
+        start = i * header.chunk_size
+        try:
+            aes.decrypt_into(header.nonce_prefix + struct.pack(">I", i), piece,
+                             _aad(hh, i, i == header.chunks - 1), dst[start:start + len(piece) - TAG])
+        except InvalidTag:
+            raise IntegrityError(f"chunk {i} failed AES-GCM authentication "
+                                 "(ciphertext altered, truncated or reordered)") from None
 
 
 def build_package(plaintext: bytes, manifest: Manifest, signing_key, device_public_pem: bytes,

@@ -38,3 +38,7 @@ class SecureModelSource:
 
     def load(self, name: str) -> LoadedModel:
         return self.store.load(name)
+
+    def load_memfd(self, name: str):
+        """(fd, manifest): the plaintext in a sealed memfd; TFLite can load /proc/self/fd/FD."""
+        return self.store.load_memfd(name)

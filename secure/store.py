@@ -2,13 +2,17 @@
 
 Layout of the store directory (on the data partition)::
 
-    models/NAME.pkg      the installed package, exactly as received (still encrypted)
+    models/NAME.pkg      the package as received (still encrypted) + a 40-byte install seal
     counter              anti-rollback counter, MACed by the token
 
 Install: parse -> vendor signature -> board -> anti-rollback -> unwrap on the token ->
-decrypt in memory + sha256 check -> atomic write of the package -> advance the counter.
-Load repeats every check (a package file swapped for an older one on disk is refused) and
-returns the plaintext as bytes (or a sealed memfd); plaintext is never written to disk.
+decrypt in memory + sha256 check -> atomic write of package + seal -> advance the counter.
+The seal is an HMAC by the token over the manifest, header and key block: it proves this store
+verified the package at install. Load checks the seal, signature, board and counter again (a
+file swapped on disk - older, foreign or hand-made for this device's public key - is refused),
+unwraps and decrypts; the GCM tags under the sealed data key then authenticate the plaintext,
+so load skips re-hashing it (`check` still does). Plaintext is returned as bytes (or a sealed
+memfd) and never written to disk.
 """
 from __future__ import annotations
 
@@ -84,6 +88,15 @@ class InstalledInfo:
         return d
 
 
+SEAL_MAGIC = b"APLSEAL1"
+SEAL_DOMAIN = b"appliance-seal-v1\0"
+
+
+def _seal_input(pkg: envelope.Package) -> bytes:
+    return (SEAL_DOMAIN + hashlib.sha256(pkg.manifest_raw).digest() + hashlib.sha256(pkg.header_raw).digest()
+            + pkg.keyblock.to_bytes())
+
+
 class DeviceStore:
     def __init__(self, store_dir: str | os.PathLike, backend, vendor_public_key, board: str,
                  counter: MonotonicCounter | None = None):
@@ -99,8 +112,20 @@ class DeviceStore:
             raise StoreError(f"model name {name!r} is not valid")
         return self.models / f"{name}.pkg"
 
-    def _check(self, data, source: str, *, decrypt: bool) -> tuple[envelope.Package, bytearray | None]:
+    def _check(self, data, source: str, *, decrypt: bool, sealed: bool = False,
+               rehash: bool = True) -> tuple[envelope.Package, bytes | None]:
+        seal = None
+        if sealed:
+            mv = memoryview(data)
+            if len(mv) < 40 or bytes(mv[-8:]) != SEAL_MAGIC:
+                raise FormatError(f"{source}: no install seal (not written by this store)")
+            data, seal = mv[:-40], bytes(mv[-40:-8])
         pkg = parse_package(data, source)
+        if seal is not None:
+            import hmac
+            if not hmac.compare_digest(self.backend.mac(_seal_input(pkg), "seal"), seal):
+                raise IntegrityError(f"{source}: install seal does not verify (file replaced or "
+                                     "from another device): reinstall the package")
         envelope.verify_manifest(pkg.manifest_raw, pkg.signature, self.vendor_key)
         m = pkg.manifest
         if self.board not in m.boards:
@@ -114,7 +139,7 @@ class DeviceStore:
             return pkg, None
         key = envelope.unwrap_data_key(pkg.keyblock, self.backend)
         plain = envelope.decrypt(pkg.header_raw, pkg.header, pkg.ciphertext, key)
-        if hashlib.sha256(plain).hexdigest() != m.sha256:
+        if rehash and hashlib.sha256(plain).hexdigest() != m.sha256:
             raise IntegrityError(f"{source}: decrypted model does not match the manifest sha256")
         return pkg, plain
 
@@ -123,7 +148,8 @@ class DeviceStore:
         self.models.mkdir(parents=True, exist_ok=True)
         remove_stale_temps(self.models)
         try:
-            atomic_write(self._path(pkg.manifest.name), bytes(data))
+            seal = self.backend.mac(_seal_input(pkg), "seal")
+            atomic_write(self._path(pkg.manifest.name), b"".join([bytes(data), seal, SEAL_MAGIC]))
         except OSError as e:
             raise StoreError(f"cannot write to store {self.models}: {e.strerror}") from None
         # After the package is durable: a crash in between leaves a package newer than the
@@ -153,24 +179,34 @@ class DeviceStore:
         except OSError as e:
             raise StoreError(f"cannot read {path}: {e.strerror}") from None
 
-    def load(self, name: str) -> LoadedModel:
-        pkg, plain = self._check(self._read(name), str(self._path(name)), decrypt=True)
-        return LoadedModel(pkg.manifest.name, pkg.manifest.version, bytes(plain), pkg.manifest)
+    def load(self, name: str, rehash: bool = False) -> LoadedModel:
+        """Decrypt an installed model in memory. `rehash` re-checks the manifest sha256 too."""
+        pkg, plain = self._check(self._read(name), str(self._path(name)), decrypt=True, sealed=True,
+                                 rehash=rehash)
+        return LoadedModel(pkg.manifest.name, pkg.manifest.version, plain, pkg.manifest)
 
-    def load_memfd(self, name: str) -> int:
-        """Decrypt into a sealed anonymous memory file; returns the fd (caller closes it)."""
-        model = self.load(name)
+    def load_memfd(self, name: str) -> tuple[int, Manifest]:
+        """Decrypt an installed model straight into a sealed anonymous memory file (RAM, never
+        disk). Returns (fd, manifest); the caller closes fd. TFLite can mmap it through
+        /proc/self/fd/FD, which is as fast as loading a plain file."""
+        import fcntl
+        import mmap
+
+        pkg, _ = self._check(self._read(name), str(self._path(name)), decrypt=False, sealed=True)
+        key = envelope.unwrap_data_key(pkg.keyblock, self.backend)
+        size = pkg.header.plaintext_size
         fd = os.memfd_create(f"model-{name}", os.MFD_CLOEXEC | os.MFD_ALLOW_SEALING)
         try:
-            os.write(fd, model.content)
-            import fcntl
+            if size:
+                os.ftruncate(fd, size)
+                with mmap.mmap(fd, size, mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE) as mm:
+                    envelope.decrypt_into(pkg.header_raw, pkg.header, pkg.ciphertext, key, mm)
             fcntl.fcntl(fd, fcntl.F_ADD_SEALS, fcntl.F_SEAL_WRITE | fcntl.F_SEAL_GROW
                         | fcntl.F_SEAL_SHRINK | fcntl.F_SEAL_SEAL)
-            os.lseek(fd, 0, os.SEEK_SET)
         except BaseException:
             os.close(fd)
             raise
-        return fd
+        return fd, pkg.manifest
 
     def list(self) -> list[InstalledInfo]:
         out = []
@@ -178,7 +214,7 @@ class DeviceStore:
         for name in self.names():
             path = self._path(name)
             try:
-                pkg, _ = self._check(path.read_bytes(), str(path), decrypt=False)
+                pkg, _ = self._check(path.read_bytes(), str(path), decrypt=False, sealed=True)
                 m, status = pkg.manifest, "ok"
             except (SecureError, OSError) as e:
                 out.append(InstalledInfo(name, "?", counters.get(name), (), "", 0, None, str(e)))

@@ -41,9 +41,12 @@ def test_install_list_load_and_source(store, device_a, vendor_key):
     model = src.load("det")
     assert (model.name, model.version, model.content) == ("det", "1.0.0", data)
     assert isinstance(model.content, bytes)
-    fd = store.load_memfd("det")
+    fd, manifest = store.load_memfd("det")
     try:
+        assert manifest.version == "1.0.0"
         assert os.read(fd, len(data) + 1) == data
+        with open(f"/proc/self/fd/{fd}", "rb") as f:  # the path TFLite mmaps
+            assert f.read() == data
         with pytest.raises(PermissionError):  # sealed against writes
             os.write(fd, b"x")
     finally:
@@ -66,12 +69,13 @@ def test_rollback_refused_on_install_and_on_swapped_file(store, device_a, vendor
     _, pem = device_a
     old = pkg_for(pem, vendor_key, b"v1" * 100, "1.9.0")
     store.install(old)
+    old_sealed = (store.models / "det.pkg").read_bytes()
     store.install(pkg_for(pem, vendor_key, b"v2" * 100, "1.10.0"))
     with pytest.raises(E.RollbackError, match="version 1.9.0 is older than version 1.10.0"):
         store.install(old)
     store.install(pkg_for(pem, vendor_key, b"v2" * 100, "1.10.0"))  # same version again: allowed
-    # an attacker puts the old package file back on disk: load refuses it too
-    (store.models / "det.pkg").write_bytes(old)
+    # an attacker puts the old (validly sealed) file back on disk: load refuses it too
+    (store.models / "det.pkg").write_bytes(old_sealed)
     with pytest.raises(E.RollbackError):
         store.load("det")
 
@@ -103,6 +107,8 @@ def test_gcm_failure_on_install_and_on_disk(store, device_a, vendor_key):
     path.write_bytes(raw)
     with pytest.raises(E.IntegrityError, match="chunk"):
         store.load("det")
+    with pytest.raises(E.IntegrityError, match="chunk"):
+        store.load_memfd("det")
 
 
 def test_counter_file_forged_or_deleted(store, device_a, vendor_key):
@@ -129,3 +135,23 @@ def test_missing_and_locked_token_through_store(tmp_path, token_config, vendor_k
                          vendor_key.public_key(), BOARD)
     with pytest.raises(E.TokenLockedError):
         locked.install(pkg)
+
+
+def test_files_not_installed_by_this_store_are_refused(store, device_a, vendor_key):
+    """A package made for this device's (public) key and dropped into the store, or a sealed
+    file with a forged seal, does not load: only what install verified does."""
+    _, pem = device_a
+    store.install(pkg_for(pem, vendor_key, b"real" * 100))
+    path = store.models / "det.pkg"
+    sealed = path.read_bytes()
+    path.write_bytes(pkg_for(pem, vendor_key, b"evil" * 100))
+    with pytest.raises(E.FormatError, match="no install seal"):
+        store.load("det")
+    forged = bytearray(sealed)
+    forged[-20] ^= 1
+    path.write_bytes(forged)
+    with pytest.raises(E.IntegrityError, match="install seal"):
+        store.load("det")
+    path.write_bytes(sealed)
+    assert store.load("det").content == b"real" * 100
+    assert store.load("det", rehash=True).content == b"real" * 100

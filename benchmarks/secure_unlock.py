@@ -1,0 +1,166 @@
+"""Benchmark: cost of loading a model from the encrypted store vs. loading the plain file.
+
+    .venv/bin/python benchmarks/secure_unlock.py [--runs 15] [--model PATH]
+
+Same model, same run, alternating order. Plain: `Interpreter(model_path=...)` +
+`allocate_tensors()`. Secure: install seal + vendor signature + anti-rollback counter (two HMACs
+on the token), RSA-OAEP unwrap of the data key on SoftHSM2, AES-256-GCM decrypt in memory,
+then the interpreter: either from bytes (`DeviceStore.load` + `Interpreter(model_content=)`)
+or from a sealed memfd (`DeviceStore.load_memfd` + `Interpreter(model_path=/proc/self/fd/N)`,
+which TFLite mmaps like a file). Each with a fresh token session + login (cold start) and with
+the session a running daemon keeps open.
+Target: secure / plain <= 1.2 (medians). Also AES-GCM decrypt throughput of the envelope
+(1 MiB chunks) against one-shot AESGCM on the same bytes.
+Default model: hand_landmark_full.tflite from the mediapipe 0.10.14 wheel (see secure_models.py).
+"""
+from __future__ import annotations
+
+import argparse
+import hashlib
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+
+def median_ms(xs):
+    return statistics.median(xs) * 1e3
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--runs", type=int, default=31)
+    ap.add_argument("--model")
+    ap.add_argument("--mib", type=int, default=64, help="size of the AES-GCM throughput sample")
+    args = ap.parse_args()
+    import secure_models
+    model_path = Path(args.model) if args.model else secure_models.mediapipe_model()
+    model = model_path.read_bytes()
+
+    tmp = Path(tempfile.mkdtemp(prefix="secure-bench-"))
+    (tmp / "tokens").mkdir()
+    conf = tmp / "softhsm2.conf"
+    conf.write_text(f"directories.tokendir = {tmp / 'tokens'}\nobjectstore.backend = file\nlog.level = ERROR\n")
+    os.environ["SOFTHSM2_CONF"] = str(conf)
+    subprocess.run(["softhsm2-util", "--init-token", "--free", "--label", "bench", "--pin", "1234",
+                    "--so-pin", "12345678"], check=True, capture_output=True)
+
+    from ai_edge_litert.interpreter import Interpreter
+    from cryptography.hazmat.primitives.asymmetric import ed25519
+    from cryptography.hazmat.primitives.ciphers.aead import AESGCM
+
+    from appliance.secure import envelope
+    from appliance.secure.backend import Pkcs11Backend, TokenConfig
+    from appliance.secure.store import DeviceStore
+
+    cfg = TokenConfig(module="/usr/lib/softhsm/libsofthsm2.so", token_label="bench", pin="1234")
+    vendor = ed25519.Ed25519PrivateKey.generate()
+    with Pkcs11Backend(cfg) as b:
+        pem = b.ensure_device_key()
+        manifest = envelope.Manifest("bench", "1.0.0", hashlib.sha256(model).hexdigest(), len(model), ("bench",))
+        pkg = envelope.build_package(model, manifest, vendor, pem)
+        DeviceStore(tmp / "store", b, vendor.public_key(), "bench").install(pkg)
+    plain_file = tmp / "plain.tflite"
+    plain_file.write_bytes(model)
+
+    def plain():
+        it = Interpreter(model_path=str(plain_file), num_threads=1)
+        it.allocate_tensors()
+
+    warm = Pkcs11Backend(cfg)  # a running daemon keeps its logged-in session
+
+    def unlock_bytes(backend):
+        return DeviceStore(tmp / "store", backend, vendor.public_key(), "bench").load("bench").content
+
+    def secure_bytes(backend=None):
+        if backend is None:
+            with Pkcs11Backend(cfg) as b:  # fresh session + login, as a starting runtime does
+                content = unlock_bytes(b)
+        else:
+            content = unlock_bytes(backend)
+        it = Interpreter(model_content=content, num_threads=1)
+        it.allocate_tensors()
+
+    def secure_memfd(backend=None):
+        def go(b):
+            fd, _ = DeviceStore(tmp / "store", b, vendor.public_key(), "bench").load_memfd("bench")
+            try:
+                it = Interpreter(model_path=f"/proc/self/fd/{fd}", num_threads=1)
+                it.allocate_tensors()
+            finally:
+                os.close(fd)  # the interpreter keeps its own mapping
+            return it
+        if backend is None:
+            with Pkcs11Backend(cfg) as b:
+                return go(b)
+        return go(backend)
+
+    def unlock_only_memfd(backend):
+        fd, _ = DeviceStore(tmp / "store", backend, vendor.public_key(), "bench").load_memfd("bench")
+        os.close(fd)
+
+    cases = {
+        "plain: Interpreter(model_path) + allocate": plain,
+        "secure bytes, cold login: load + Interpreter(content)": secure_bytes,
+        "secure memfd, cold login: load_memfd + Interpreter(fd)": secure_memfd,
+        "secure bytes, open session": lambda: secure_bytes(warm),
+        "secure memfd, open session": lambda: secure_memfd(warm),
+        "  unlock only (memfd, open session)": lambda: unlock_only_memfd(warm),
+        "  unlock only (bytes, open session)": lambda: unlock_bytes(warm),
+    }
+    for fn in cases.values():
+        fn()  # warm: page cache, library loading
+    times = {k: [] for k in cases}
+    cpu = {k: [] for k in cases}
+    names = list(cases)
+    for i in range(args.runs):
+        for k in (names if i % 2 == 0 else names[::-1]):  # alternate order against drift
+            t, c = time.perf_counter(), time.process_time()
+            cases[k]()
+            times[k].append(time.perf_counter() - t)
+            cpu[k].append(time.process_time() - c)
+    tu = []
+    p = envelope.parse_package(pkg)
+    for _ in range(args.runs):
+        t = time.perf_counter()
+        with Pkcs11Backend(cfg) as backend:
+            envelope.unwrap_data_key(p.keyblock, backend)
+        tu.append(time.perf_counter() - t)
+    warm.close()
+
+    # AES-GCM throughput
+    data = os.urandom(args.mib << 20)
+    key = os.urandom(32)
+    hraw, ct = envelope.encrypt(data, key)
+    h = envelope.parse_header(hraw)
+    aes, nonce = AESGCM(key), os.urandom(12)
+    one = aes.encrypt(nonce, data, b"aad")
+    te, tr = [], []
+    for _ in range(5):
+        t = time.perf_counter(); envelope.decrypt(hraw, h, ct, key); te.append(time.perf_counter() - t)
+        t = time.perf_counter(); aes.decrypt(nonce, one, b"aad"); tr.append(time.perf_counter() - t)
+    mib = len(data) / (1 << 20)
+
+    base = statistics.median(times[names[0]])
+    cbase = statistics.median(cpu[names[0]])
+    print(f"model: {model_path.name} ({len(model) / 1e6:.2f} MB), runs={args.runs}, medians, num_threads=1")
+    print(f"load average: {os.getloadavg()[0]:.1f} on {os.cpu_count()} CPUs (CPU time is the steadier figure on a busy box)")
+    print(f"{'measurement':58s} {'wall ms':>8s} {'/plain':>7s} {'cpu ms':>8s} {'/plain':>7s}")
+    for k in names:
+        m, c = statistics.median(times[k]), statistics.median(cpu[k])
+        print(f"{k:58s} {m * 1e3:8.2f} {m / base:7.2f} {c * 1e3:8.2f} {c / cbase:7.2f}")
+    print(f"{'  token login + RSA-OAEP unwrap (fresh session)':58s} {median_ms(tu):8.2f}")
+    print("target: secure / plain <= 1.2")
+    print(f"{'AES-256-GCM decrypt':44s} {'MiB/s':>9s}")
+    print(f"{'  envelope.decrypt, 1 MiB chunks':44s} {mib / statistics.median(te):9.0f}")
+    print(f"{'  one-shot AESGCM.decrypt (baseline)':44s} {mib / statistics.median(tr):9.0f}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
