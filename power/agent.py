@@ -201,7 +201,9 @@ class Manager:
             m = fetch_metrics(self.url)
             if m is None:
                 if not self.metrics_warned:
-                    log.warning("runtime metrics at %s unreachable: planning from utilisation only", self.url)
+                    # Not an error in observe-only mode (nothing is planned from it).
+                    log.log(logging.INFO if self.observe_only else logging.WARNING,
+                            "runtime metrics at %s unreachable: planning from utilisation only", self.url)
                     self.metrics_warned = True
             else:
                 depth, requests = m
@@ -336,8 +338,11 @@ def run(a) -> int:
     old = signal.signal(signal.SIGTERM, _terminate)
     try:
         mgr.take_control()
+        interval = a.interval
+        if mgr.observe_only:
+            interval = max(interval, 1.0)  # nothing to control: sample slowly, cost ~nothing
         log.info("running: board %s, %s, interval %.3f s", prof.name,
-                 "observe-only" if mgr.observe_only else f"mode {mgr.mode}", a.interval)
+                 "observe-only" if mgr.observe_only else f"mode {mgr.mode}", interval)
         i = 0
         while a.iterations == 0 or i < a.iterations:
             d = mgr.step()
@@ -345,7 +350,7 @@ def run(a) -> int:
                 log.debug("opp %d (%d kHz) cap %d park %s", d.opp, d.freq_khz, d.cap_opp, d.park)
             i += 1
             if a.iterations == 0 or i < a.iterations:
-                time.sleep(a.interval)
+                time.sleep(interval)
     except _Terminated:
         log.info("SIGTERM: stopping")
     finally:

@@ -305,7 +305,7 @@ def test_observe_only_without_cpufreq(tmp_path, caplog):
     (tmp_path / "proc").mkdir()
     write_stat(tmp_path / "proc", [(1, 1)] * 8)
     before = sorted(str(p) for p in tmp_path.rglob("*"))
-    p = run_agent(tmp_path, "--interval", "0.01", "--iterations", "5")
+    p = run_agent(tmp_path, "--interval", "0.01", "--iterations", "2")
     _, err = p.communicate(timeout=30)
     assert p.returncode == 0, err
     assert err.count("no cpufreq under") == 1 and "observe-only" in err
@@ -320,7 +320,7 @@ def test_qemu_board_json_observe_only(tmp_path):
     write_stat(tmp_path / "proc", [(1, 1)] * 2)
     rc = agent.main(["run", "--board-json", str(bj), "--sysfs-root", str(tmp_path / "sys"),
                      "--procfs-root", str(tmp_path / "proc"), "--metrics-url", "",
-                     "--state-file", str(tmp_path / "s.json"), "--interval", "0.01", "--iterations", "3"])
+                     "--state-file", str(tmp_path / "s.json"), "--interval", "0.01", "--iterations", "2"])
     assert rc == 0
 
 
