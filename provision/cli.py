@@ -135,6 +135,9 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print(f"{PROG}: error: interrupted", file=sys.stderr)
         return 130
+    except BrokenPipeError:  # `provision fleet status | head`
+        sys.stderr.close()
+        return 0
 
 
 def _console_steps(argv: list[str]) -> list[tuple[str, str]]:
