@@ -84,8 +84,17 @@ class ModelRunner:
         self.outputs = [self._spec(o) for o in outs]
         self._in_index = ins[0]["index"]
         self._out_index = [o["index"] for o in outs]
-        # Batchable: a dynamic leading dim, or allocated batch 1 with rows stacked by resizing.
+        # Batchable: a dynamic leading dim, or a fixed batch of 1 that survives resizing
+        # (many converted models declare [1, ...] but run fine with [n, ...]).
         self.batchable = len(self.input.signature) >= 1 and self.input.signature[0] == -1
+        if not self.batchable and settings.max_batch > 1:
+            self.batchable = self._probe_batch_resize(it)
+        if not self.batchable:
+            self.input = TensorSpec(self.input.name, self.input.shape, self.input.shape, self.input.dtype)
+        elif self.input.signature[0] != -1:
+            self.input = TensorSpec(self.input.name, self.input.shape, (-1, *self.input.shape[1:]),
+                                    self.input.dtype)
+            self.outputs = [TensorSpec(o.name, o.shape, (-1, *o.shape[1:]), o.dtype) for o in self.outputs]
         self._rows = {id(i): self.input.shape[0] if self.input.shape else 1 for i in self._free}
         self._lock = threading.Lock()
         self._queue: asyncio.Queue[_Item] | None = None
@@ -95,6 +104,23 @@ class ModelRunner:
             max_workers=settings.pool_size, thread_name_prefix=f"tflite-{name}")
         self._inflight: set[asyncio.Future] = set()
         self.closed = False
+
+    def _probe_batch_resize(self, it) -> bool:
+        """True if resizing the input's leading dim 1 -> 2 gives every output a leading 2."""
+        shape = self.input.shape
+        if len(shape) < 1 or shape[0] != 1:
+            return False
+        idx = it.get_input_details()[0]["index"]
+        try:
+            it.resize_tensor_input(idx, [2, *shape[1:]])
+            it.allocate_tensors()
+            ok = all(len(o["shape"]) >= 1 and o["shape"][0] == 2 and tuple(o["shape"][1:]) == s.shape[1:]
+                     for o, s in zip(it.get_output_details(), self.outputs))
+        except Exception:
+            ok = False
+        it.resize_tensor_input(idx, list(shape))
+        it.allocate_tensors()
+        return ok
 
     @staticmethod
     def _spec(d: dict) -> TensorSpec:

@@ -61,7 +61,8 @@ def _check_dims(in_features: int, out_features: int, batch: int) -> None:
 
 
 def _build(in_features: int, out_features: int, batch: int, w: np.ndarray, b: np.ndarray,
-           ttype: int, btype: int, quants: tuple[_Quant, _Quant, _Quant, _Quant] | None) -> bytes:
+           ttype: int, btype: int, quants: tuple[_Quant, _Quant, _Quant, _Quant] | None,
+           dynamic_batch: bool = True) -> bytes:
     import flatbuffers
 
     T, Q, Op, OpC, SG, Buf, M, FCO = (_schema(n) for n in (
@@ -92,11 +93,12 @@ def _build(in_features: int, out_features: int, batch: int, w: np.ndarray, b: np
         Q.QuantizationParametersAddZeroPoint(fb, zp)
         return Q.QuantizationParametersEnd(fb)
 
+    lead = -1 if dynamic_batch else batch
     specs = [  # name, shape, signature, type, buffer index
-        ("input", [batch, in_features], [-1, in_features], ttype, 1),
+        ("input", [batch, in_features], [lead, in_features], ttype, 1),
         ("weights", [out_features, in_features], None, ttype, 2),
         ("bias", [out_features], None, btype, 3),
-        ("output", [batch, out_features], [-1, out_features], ttype, 4),
+        ("output", [batch, out_features], [lead, out_features], ttype, 4),
     ]
     tensors = []
     for i, (name, shape, sig, typ, buf) in enumerate(specs):
@@ -167,11 +169,14 @@ def _build(in_features: int, out_features: int, batch: int, w: np.ndarray, b: np
     return bytes(fb.Output())
 
 
-def fully_connected_f32(in_features: int, out_features: int, batch: int = 1, seed: int = 0) -> bytes:
-    """float32 FULLY_CONNECTED model: input [batch, in] float32 -> output [batch, out] float32."""
+def fully_connected_f32(in_features: int, out_features: int, batch: int = 1, seed: int = 0,
+                        dynamic_batch: bool = True) -> bytes:
+    """float32 FULLY_CONNECTED model: input [batch, in] float32 -> output [batch, out] float32.
+    ``dynamic_batch=False`` declares a fixed leading dim (signature [batch, in]), like most
+    converted vision models."""
     _check_dims(in_features, out_features, batch)
     w, b = _weights(in_features, out_features, seed, int8=False)
-    return _build(in_features, out_features, batch, w, b, _FLOAT32, _FLOAT32, None)
+    return _build(in_features, out_features, batch, w, b, _FLOAT32, _FLOAT32, None, dynamic_batch)
 
 
 def fully_connected_int8(in_features: int, out_features: int, batch: int = 1, seed: int = 0) -> bytes:

@@ -285,3 +285,36 @@ def test_reload_to_corrupt_version_keeps_serving_old(tmp_path):
             r = await s.post("/v1/models/m:predict", json={"inputs": [[1.0] * 16]})
             assert r.status == 404
     run(t())
+
+
+def test_fixed_batch_model_is_batched_by_resizing(tmp_path):
+    fixed = tinymodels.fully_connected_f32(16, 4, seed=6, dynamic_batch=False)
+    (tmp_path / "fixed.tflite").write_bytes(fixed)
+
+    async def t():
+        async with serving(config(tmp_path, max_batch=8, max_wait_ms=50, queue_size=64)) as (_srv, s):
+            info = (await (await s.get("/v1/models")).json())["models"][0]
+            assert info["batching"]["enabled"] and info["inputs"][0]["shape"] == [-1, 16]
+            xs = [np.full((1, 16), i / 10, np.float32) for i in range(8)]
+            rs = await asyncio.gather(*(s.post("/v1/models/fixed:predict", json={"inputs": x.tolist()}) for x in xs))
+            for x, r in zip(xs, rs):
+                y = np.array((await r.json())["outputs"][0], np.float32)
+                np.testing.assert_allclose(y, tinymodels.reference_output(fixed, x), rtol=1e-5, atol=1e-5)
+            text = await (await s.get("/metrics")).text()
+            assert metric(text, "appliance_runtime_batch_rows_count", model="fixed") < 8
+
+    run(t())
+
+
+def test_fixed_batch_model_unbatched_when_max_batch_1(tmp_path):
+    (tmp_path / "fixed.tflite").write_bytes(tinymodels.fully_connected_f32(16, 4, dynamic_batch=False))
+
+    async def t():
+        async with serving(config(tmp_path, max_batch=1)) as (_srv, s):
+            info = (await (await s.get("/v1/models")).json())["models"][0]
+            assert not info["batching"]["enabled"] and info["inputs"][0]["shape"] == [1, 16]
+            r = await s.post("/v1/models/fixed:predict", json={"inputs": [[1.0] * 16] * 2})
+            assert r.status == 400
+            r = await s.post("/v1/models/fixed:predict", json={"inputs": [[1.0] * 16]})
+            assert r.status == 200
+    run(t())
