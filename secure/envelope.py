@@ -382,15 +382,23 @@ def decrypt_into(header_raw: bytes, header: Header, ciphertext, data_key: bytes,
     aes = AESGCM(data_key)
     ct, dst = memoryview(ciphertext), memoryview(out)
     step = header.chunk_size + TAG
+    failed = None
     for i in range(header.chunks):
-        piece = ct[i * step:(i + 1) * step]
         start = i * header.chunk_size
+        n = min(header.chunk_size, header.plaintext_size - start)
         try:
-            aes.decrypt_into(header.nonce_prefix + struct.pack(">I", i), piece,
-                             _aad(hh, i, i == header.chunks - 1), dst[start:start + len(piece) - TAG])
+            aes.decrypt_into(header.nonce_prefix + struct.pack(">I", i), ct[i * step:i * step + n + TAG],
+                             _aad(hh, i, i == header.chunks - 1), dst[start:start + n])
         except InvalidTag:
-            raise IntegrityError(f"chunk {i} failed AES-GCM authentication "
-                                 "(ciphertext altered, truncated or reordered)") from None
+            failed = i
+            break
+    # Release our views before raising: an exception holding them would keep the caller's
+    # mmap from closing (BufferError instead of the real reason).
+    dst.release()
+    ct.release()
+    if failed is not None:
+        raise IntegrityError(f"chunk {failed} failed AES-GCM authentication "
+                             "(ciphertext altered, truncated or reordered)")
 
 
 def build_package(plaintext: bytes, manifest: Manifest, signing_key, device_public_pem: bytes,
