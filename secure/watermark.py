@@ -7,8 +7,9 @@ It is encoded with the rate-1/2, constraint-length-7 convolutional code (generat
 octal, 6 tail bits): 204 code bits, decoded with a soft-decision Viterbi decoder.
 
 Carrier: every eligible weight tensor (constant float32, float16 - also behind DEQUANTIZE -
-or int8; not sparse, not sharing its buffer, at least 256 elements; int32 and other types are
-left alone). Each weight is assigned, by a key-derived PRNG seeded with its tensor's identity,
+or int8; not sparse, not sharing its buffer, at least 4096 elements, rank >= 2 and not a
+depthwise kernel (1, k, k, C): those few weights cause most of the output change; int32 and
+other types are left alone). Each weight is assigned, by a key-derived PRNG seeded with its tensor's identity,
 to one code bit and a random sign r. Per tensor, values are normalised by a scale s (root mean
 square of the largest 20% magnitudes) and passed through a ramp
 
@@ -61,7 +62,7 @@ from .errors import FormatError, SecureError
 PAYLOAD_BITS = 96
 TAIL = 6
 CODE_BITS = 2 * (PAYLOAD_BITS + TAIL)
-MIN_ELEMENTS = 256
+MIN_ELEMENTS = 4096
 Q_LO, TOP = 0.55, 0.20
 FPR_TARGET = 1e-9
 # Lattice step = STRENGTH / sqrt(weights per code bit): 2%-sigma weight noise leaves ~1-5% raw
@@ -115,6 +116,11 @@ def weight_tensors(model: bytes) -> list[WeightTensor]:
                     continue
                 shape = t.ShapeAsNumpy() if t.ShapeLength() else np.array([], np.int32)
                 if int(np.prod(shape)) != n // dt.itemsize:
+                    continue
+                # Measured on hand_landmark_full: biases/vectors, depthwise kernels (1, k, k, C)
+                # and small tensors carry most of the output change per unit of mark and little
+                # of the robustness; leave them alone.
+                if len(shape) < 2 or (len(shape) == 4 and shape[0] == 1):
                     continue
                 start = buf._tab.Vector(buf._tab.Offset(4))
                 out.append(WeightTensor((sgi << 20) | ti, (t.Name() or b"").decode(errors="replace"), dt,
