@@ -166,15 +166,13 @@ def test_fifty_devices_kill_restart_resume(make_lab, keys, tmp_path):
         lab.kill(dev)
     t = threading.Thread(target=lambda: result.setdefault("s", F.apply(fleet, inv)))
     t.start()
-    # ... and some in the middle of their steps. Only between token operations: a SIGKILL
-    # inside `store keygen/install` can leave SoftHSM2's file token or the store's
-    # anti-rollback counter unusable (secure area's crash-safety, see the closing note).
+    # ... and some in the middle of their steps (token operations included)
     in_flight = []
     deadline = time.monotonic() + 300
     while len(in_flight) < 4 and time.monotonic() < deadline and t.is_alive():
         for d in inv.devices():
             dev = lab.devices[int(d["serial"][2:])]
-            if d["state"] == "running" and d["step"] in ("identity", "host-cert", "client-cert") \
+            if d["state"] == "running" and d["step"] in ("identity", "keygen", "host-cert", "client-cert", "model") \
                     and dev not in killed:
                 lab.kill(dev)
                 killed.append(dev)
