@@ -25,6 +25,8 @@ import tempfile
 import time
 from pathlib import Path
 
+import numpy as np
+
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 
@@ -71,6 +73,14 @@ def main() -> int:
     def plain():
         it = Interpreter(model_path=str(plain_file), num_threads=1)
         it.allocate_tensors()
+        return it
+
+    def invoke(it):
+        # The first inference touches every weight page; plain loading is a lazy mmap, so this
+        # is where a plain model pays for reading its weights.
+        d = it.get_input_details()[0]
+        it.set_tensor(d["index"], np.zeros(d["shape"], d["dtype"]))
+        it.invoke()
 
     warm = Pkcs11Backend(cfg)  # a running daemon keeps its logged-in session
 
@@ -85,6 +95,7 @@ def main() -> int:
             content = unlock_bytes(backend)
         it = Interpreter(model_content=content, num_threads=1)
         it.allocate_tensors()
+        return it
 
     def secure_memfd(backend=None):
         def go(b):
@@ -112,6 +123,9 @@ def main() -> int:
         "secure memfd, open session": lambda: secure_memfd(warm),
         "  unlock only (memfd, open session)": lambda: unlock_only_memfd(warm),
         "  unlock only (bytes, open session)": lambda: unlock_bytes(warm),
+        "plain + first invoke": lambda: invoke(plain()),
+        "secure bytes, open session + first invoke": lambda: invoke(secure_bytes(warm)),
+        "secure memfd, open session + first invoke": lambda: invoke(secure_memfd(warm)),
     }
     for fn in cases.values():
         fn()  # warm: page cache, library loading
@@ -152,10 +166,12 @@ def main() -> int:
     print(f"load average: {os.getloadavg()[0]:.1f} on {os.cpu_count()} CPUs (CPU time is the steadier figure on a busy box)")
     print(f"{'measurement':58s} {'wall ms':>8s} {'/plain':>7s} {'cpu ms':>8s} {'/plain':>7s}")
     for k in names:
+        if k == "plain + first invoke":
+            base, cbase = statistics.median(times[k]), statistics.median(cpu[k])
         m, c = statistics.median(times[k]), statistics.median(cpu[k])
         print(f"{k:58s} {m * 1e3:8.2f} {m / base:7.2f} {c * 1e3:8.2f} {c / cbase:7.2f}")
     print(f"{'  token login + RSA-OAEP unwrap (fresh session)':58s} {median_ms(tu):8.2f}")
-    print("target: secure / plain <= 1.2")
+    print("target: secure / plain <= 1.2 (ratios of the first-invoke rows compare against 'plain + first invoke')")
     print(f"{'AES-256-GCM decrypt':44s} {'MiB/s':>9s}")
     print(f"{'  envelope.decrypt, 1 MiB chunks':44s} {mib / statistics.median(te):9.0f}")
     print(f"{'  one-shot AESGCM.decrypt (baseline)':44s} {mib / statistics.median(tr):9.0f}")

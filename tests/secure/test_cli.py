@@ -108,3 +108,15 @@ def test_power_cut_mid_install_keeps_previous_version(device):
     # the next install cleans the stale temp file and succeeds
     r = run_cli(AGENT, ["store", "install", str(big)], env=env)
     assert r.returncode == 0 and not caught.exists()
+
+
+def test_device_path_stays_light():
+    """The device modules must not pull host code (appliance.image/provision), the tflite parser
+    (the watermark is host side), matplotlib or pydantic into the device bundle."""
+    code = ("import sys, appliance.secure.agent, appliance.secure.source, appliance.secure.store; "
+            "sys.exit(appliance.secure.agent.main(['list', '--help']) and 0 or "
+            "print(sorted(m for m in sys.modules if m.split('.')[0] in ('tflite', 'matplotlib', 'pydantic') "
+            "or m.startswith(('appliance.image', 'appliance.provision', 'appliance.secure.watermark')))))")
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.strip().splitlines()[-1] == "[]"
