@@ -95,7 +95,17 @@ class ModelRunner:
             self.input = TensorSpec(self.input.name, self.input.shape, (-1, *self.input.shape[1:]),
                                     self.input.dtype)
             self.outputs = [TensorSpec(o.name, o.shape, (-1, *o.shape[1:]), o.dtype) for o in self.outputs]
-        self._rows = {id(i): self.input.shape[0] if self.input.shape else 1 for i in self._free}
+        self._content = content
+        # Batch-size buckets (powers of two up to max_batch); a slot maps bucket -> interpreter.
+        self._buckets: list[int] = []
+        if self.batchable:
+            b = 1
+            while b < settings.max_batch:
+                self._buckets.append(b)
+                b *= 2
+            self._buckets.append(settings.max_batch)
+        base_rows = self.input.shape[0] if self.batchable else 0
+        self._free = [{base_rows: i} for i in self._free]
         self._lock = threading.Lock()
         self._queue: asyncio.Queue[_Item] | None = None
         self._task: asyncio.Task | None = None
@@ -252,15 +262,29 @@ class ModelRunner:
             self.metrics.batch_size.labels(self.name).observe(start if self.batchable else 1)
 
     # ---- worker thread ----
+    def _new_interpreter(self, rows: int):
+        it = load_interpreter_class()(model_content=self._content, num_threads=self.settings.num_threads)
+        it.resize_tensor_input(self._in_index, [rows, *self.input.shape[1:]])
+        it.allocate_tensors()
+        return it
+
     def _invoke(self, xs: list[np.ndarray]) -> list[np.ndarray]:
         with self._lock:
-            it = self._free.pop()
+            slot = self._free.pop()
         try:
             x = np.concatenate(xs, axis=0) if len(xs) > 1 else xs[0]
-            if self.batchable and self._rows[id(it)] != x.shape[0]:
-                it.resize_tensor_input(self._in_index, [x.shape[0], *self.input.shape[1:]])
-                it.allocate_tensors()
-                self._rows[id(it)] = x.shape[0]
+            key = 0
+            if self.batchable:
+                # Resizing a delegated interpreter re-prepares the whole graph (XNNPACK repacks
+                # weights: tens of ms for a conv net), so each batch-size bucket keeps its own
+                # interpreter, made on first use, and a batch is zero-padded up to its bucket.
+                n = x.shape[0]
+                key = next(b for b in self._buckets if b >= n)
+                if key > n:
+                    x = np.concatenate([x, np.zeros((key - n, *x.shape[1:]), x.dtype)])
+                if key not in slot:
+                    slot[key] = self._new_interpreter(key)
+            it = slot[key]
             t0 = time.perf_counter()
             it.set_tensor(self._in_index, x)
             it.invoke()
@@ -270,7 +294,7 @@ class ModelRunner:
             return outs
         finally:
             with self._lock:
-                self._free.append(it)
+                self._free.append(slot)
 
     def describe(self) -> dict:
         return {
