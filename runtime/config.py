@@ -11,6 +11,9 @@ from pathlib import Path
 DEFAULT_BOARD_JSON = "/etc/appliance/board.json"
 
 
+BATCHING_MODES = ("auto", "on", "off")
+
+
 class ConfigError(Exception):
     pass
 
@@ -23,12 +26,14 @@ class ModelSettings:
     timeout_s: float = 10.0      # per request, queueing included
     pool_size: int = 1           # interpreters (each runs one batch at a time)
     num_threads: int = 1         # TFLite threads per interpreter
+    batching: str = "auto"       # auto: merge requests only if a measured batch is cheaper per row
 
     def validate(self, where: str) -> "ModelSettings":
         checks = [
             ("max_batch", self.max_batch >= 1), ("max_wait_ms", self.max_wait_ms >= 0),
             ("queue_size", self.queue_size >= 1), ("timeout_s", self.timeout_s > 0),
             ("pool_size", 1 <= self.pool_size <= 64), ("num_threads", 1 <= self.num_threads <= 64),
+            ("batching", self.batching in BATCHING_MODES),
         ]
         for name, ok in checks:
             if not ok:
@@ -72,6 +77,11 @@ def _settings(raw: object, where: str, base: ModelSettings) -> ModelSettings:
     for k, v in raw.items():
         if k not in known:
             raise ConfigError(f"{where}.{k}: unknown setting (known: {', '.join(known)})")
+        if known[k].type == "str":
+            if not isinstance(v, str):
+                raise ConfigError(f"{where}.{k}: expected a string, got {v!r}")
+            kw[k] = v
+            continue
         want = int if known[k].type == "int" else float
         if isinstance(v, bool) or not isinstance(v, (int, float)) or (want is int and not isinstance(v, int)):
             raise ConfigError(f"{where}.{k}: expected {want.__name__}, got {v!r}")

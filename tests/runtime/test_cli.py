@@ -39,6 +39,8 @@ def agent(*args, **kw):
     ({"defaults": {"colour": 1}}, "defaults.colour: unknown setting"),
     ({"models": {"fc": {"queue_size": -1}}}, "models.fc.queue_size"),
     ({"max_body_bytes": 10}, "max_body_bytes"),
+    ({"defaults": {"batching": "sometimes"}}, "defaults.batching"),
+    ({"defaults": {"batching": 1}}, "defaults.batching"),
 ])
 def test_config_errors_name_the_field(raw, needle):
     with pytest.raises(ConfigError) as e:

@@ -146,7 +146,7 @@ def test_corrupt_model_not_served_others_are(model_dir):
 
 def test_many_concurrent_clients_get_their_own_answers(model_dir):
     async def t():
-        async with serving(config(model_dir, max_batch=8, max_wait_ms=2, queue_size=256)) as (_srv, s):
+        async with serving(config(model_dir, max_batch=8, max_wait_ms=2, queue_size=256, batching="on")) as (_srv, s):
             rng = np.random.default_rng(7)
             xs = [rng.standard_normal((1 + i % 3, 16)).astype(np.float32) for i in range(120)]
 
@@ -163,7 +163,7 @@ def test_many_concurrent_clients_get_their_own_answers(model_dir):
 
 def test_batching_merges_requests_visible_in_metrics(model_dir):
     async def t():
-        async with serving(config(model_dir, max_batch=16, max_wait_ms=50, queue_size=256)) as (_srv, s):
+        async with serving(config(model_dir, max_batch=16, max_wait_ms=50, queue_size=256, batching="on")) as (_srv, s):
             xs = [np.full((1, 16), i, np.float32) for i in range(32)]
             rs = await asyncio.gather(*(s.post("/v1/models/fc:predict", json={"inputs": x.tolist()}) for x in xs))
             assert all(r.status == 200 for r in rs)
@@ -235,7 +235,7 @@ def test_hot_reload_under_load_loses_no_request(tmp_path):
     y_old, y_new = tinymodels.reference_output(old, x), tinymodels.reference_output(new, x)
 
     async def t():
-        async with serving(config(tmp_path, max_batch=8, max_wait_ms=1, queue_size=512)) as (srv, s):
+        async with serving(config(tmp_path, max_batch=8, max_wait_ms=1, queue_size=512, batching="on")) as (srv, s):
             results, stop = [], asyncio.Event()
 
             async def client():
@@ -292,7 +292,7 @@ def test_fixed_batch_model_is_batched_by_resizing(tmp_path):
     (tmp_path / "fixed.tflite").write_bytes(fixed)
 
     async def t():
-        async with serving(config(tmp_path, max_batch=8, max_wait_ms=50, queue_size=64)) as (_srv, s):
+        async with serving(config(tmp_path, max_batch=8, max_wait_ms=50, queue_size=64, batching="on")) as (_srv, s):
             info = (await (await s.get("/v1/models")).json())["models"][0]
             assert info["batching"]["enabled"] and info["inputs"][0]["shape"] == [-1, 16]
             xs = [np.full((1, 16), i / 10, np.float32) for i in range(8)]
@@ -318,3 +318,28 @@ def test_fixed_batch_model_unbatched_when_max_batch_1(tmp_path):
             r = await s.post("/v1/models/fixed:predict", json={"inputs": [[1.0] * 16]})
             assert r.status == 200
     run(t())
+
+
+def test_batching_off_and_auto_are_reported(model_dir):
+    async def t():
+        async with serving(config(model_dir, max_batch=8, batching="off", max_wait_ms=50)) as (_srv, s):
+            info = (await (await s.get("/v1/models")).json())["models"][0]
+            assert info["batching"]["enabled"] is False and "off" in info["batching"]["reason"]
+            # Multi-row requests are still accepted; requests are just not merged.
+            rs = await asyncio.gather(*(s.post("/v1/models/fc:predict", json={"inputs": [[1.0] * 16] * 2})
+                                        for _ in range(6)))
+            assert all(r.status == 200 for r in rs)
+            text = await (await s.get("/metrics")).text()
+            assert metric(text, "appliance_runtime_batch_rows_count", model="fc") == 6
+        async with serving(config(model_dir, max_batch=8)) as (_srv, s):
+            info = (await (await s.get("/v1/models")).json())["models"][0]
+            assert info["batching"]["mode"] == "auto" and "ms/row" in info["batching"]["reason"]
+    run(t())
+
+
+@pytest.mark.parametrize("t1,tb,b,merge", [(1.0, 1.2, 4, True), (1.0, 3.9, 4, False), (0.77e-3, 15.3e-3, 4, False),
+                                          (20e-6, 30e-6, 4, True)])
+def test_decide_merge(t1, tb, b, merge):
+    from appliance.runtime.engine import decide_merge
+    got, why = decide_merge(t1, tb, b)
+    assert got is merge and "ms/row" in why
