@@ -79,7 +79,7 @@ class Manager:
     """State + decisions; effects go through `Sysfs`. `step()` is one sampling interval."""
 
     def __init__(self, prof: Profile, fs: Sysfs, metrics_url: str | None, state_file: Path,
-                 tun: planner.Tunables, predictor_name: str = "max", bin_s: float = 10.0,
+                 tun: planner.Tunables, predictor_name: str = "ewma", bin_s: float = 10.0,
                  dry_run: bool = False, clock=time.time):
         self.prof = prof
         self.fs = fs
@@ -308,7 +308,8 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--iterations", type=int, default=0, help="stop after N samples (0 = run until SIGTERM)")
     r.add_argument("--headroom", type=float, default=planner.Tunables.headroom)
     r.add_argument("--target-util", type=float, default=planner.Tunables.target_util)
-    r.add_argument("--predictor", default="max", choices=["ewma", "seasonal", "max"])
+    r.add_argument("--predictor", default="ewma", choices=["ewma", "seasonal", "max"],
+                   help="demand predictor (default: ewma, the best measured by benchmarks/power_savings.py)")
     r.add_argument("--dry-run", action="store_true", help="decide and log, change nothing")
     r.add_argument("-v", "--verbose", action="store_true")
     return ap

@@ -188,7 +188,7 @@ class Ours(Governor):
     sees_arrivals = False
 
     def __init__(self, dm, prof: Profile, period_s: float, headroom=0.5, target_util=0.6,
-                 interval_s=0.010, predictor_name="max", bin_s=10.0):
+                 interval_s=0.010, predictor_name="ewma", bin_s=10.0):
         super().__init__(dm)
         self.prof = prof
         self.tun = planner.Tunables(headroom=headroom, target_util=target_util, interval_s=interval_s)

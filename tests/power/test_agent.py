@@ -117,7 +117,7 @@ class Clock:
 
 
 def manager(tmp_path, prof, fs, url=None, clock=None, **kw):
-    return agent.Manager(prof, fs, url, tmp_path / "state/saved.json", planner.Tunables(), "max",
+    return agent.Manager(prof, fs, url, tmp_path / "state/saved.json", planner.Tunables(), "ewma",
                          clock=clock or Clock(), **kw)
 
 

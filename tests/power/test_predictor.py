@@ -10,7 +10,7 @@ from appliance.power import predictor
 
 
 def test_ewma_converges_to_level_and_follows_steps():
-    p = predictor.Ewma(alpha=0.5)
+    p = predictor.Ewma(alpha=0.5)  # explicit: the default is 0.7
     assert p.predict() == 0.0
     for _ in range(20):
         p.observe(4.0)
@@ -30,16 +30,20 @@ def _days(ndays: int, slots: int, noise: float = 0.0, seed: int = 0) -> list[flo
     return [max(0.0, base[i % slots] + rng.normal(0, noise)) for i in range(ndays * slots)]
 
 
-def test_seasonal_learns_the_day_and_anticipates_the_ramp():
+def test_seasonal_anticipates_the_ramp():
     slots = 48
-    series = _days(3, slots)
-    p = predictor.Seasonal(bin_s=1.0, period_s=slots)
-    for x in series:
-        p.observe(x)
-    # Day 4 begins: the prediction for each slot is that slot's value, not the last one seen.
-    for i in range(slots):
-        assert p.predict() == pytest.approx(series[i], abs=1e-6)
-        p.observe(series[i])
+    day = [0.0] * 20 + [float(i) for i in range(1, 15)] + [14.0 - i for i in range(14)]
+    assert len(day) == slots
+    ew, se = predictor.Ewma(), predictor.Seasonal(bin_s=1.0, period_s=slots, k=1)
+    for x in day * 2:
+        ew.observe(x)
+        se.observe(x)
+    for x in day[:20]:           # day 3: the quiet night
+        ew.observe(x)
+        se.observe(x)
+    # The ramp starts at the next bin: EWMA still says 0, seasonal already expects demand.
+    assert ew.predict() == pytest.approx(0.0, abs=1e-6)
+    assert se.predict() > 0.5
 
 
 def test_measure_prefers_seasonal_on_daily_pattern_and_max_under_predicts_least():
