@@ -102,6 +102,9 @@ class Manager:
         self.cap_opp = 0
         self.metrics_warned = False
         self._avail: dict[str, list[int]] = {}
+        self._written: dict[tuple[str, str], object] = {}
+        self._failed: set[str] = set()
+        self.suspend_failed = False
         if not self.observe_only:
             self.dm = domain_model(prof)
             self.cap_opp = len(self.dm.freqs) - 1
@@ -258,32 +261,54 @@ class Manager:
             return khz
         return next((f for f in avail if f >= khz), avail[-1])
 
+    def _set(self, policy: str, attr: str, value) -> None:
+        """Write only on change (each write is a driver call), and keep running if the kernel
+        refuses one: log each distinct failure once."""
+        key = (policy, attr)
+        if self._written.get(key) == value:
+            return
+        try:
+            self.fs.policy_set(policy, attr, value)
+            self._written[key] = value
+        except PowerError as e:
+            if str(e) not in self._failed:
+                self._failed.add(str(e))
+                log.error("%s", e)
+
     def apply(self, d: Decision) -> None:
         if self.dry_run or d is None:
             return
         cap_khz = int(round(self.dm.freqs[d.cap_opp] / 1e3))
         for name in self.prof.service.policies:
             if self.mode == "userspace":
-                self.fs.policy_set(name, "scaling_setspeed", self._snap(name, d.freq_khz))
+                self._set(name, "scaling_setspeed", self._snap(name, d.freq_khz))
             else:
                 # Raise max before min so the kernel never sees min > max.
-                self.fs.policy_set(name, "scaling_max_freq", cap_khz)
-                self.fs.policy_set(name, "scaling_min_freq", min(cap_khz, self._snap(name, d.freq_khz)))
+                self._set(name, "scaling_max_freq", cap_khz)
+                self._set(name, "scaling_min_freq", min(cap_khz, self._snap(name, d.freq_khz)))
         # Thermal cap on the other policies too: they share the package.
         for p in self.prof.policies:
             if p.name not in self.prof.service.policies:
                 top = p.opps[-1].khz if d.cap_opp == len(self.dm.freqs) - 1 else \
                     max(o.khz for o in p.opps if o.khz <= max(p.opps[0].khz, cap_khz))
-                self.fs.policy_set(p.name, "scaling_max_freq", top)
+                self._set(p.name, "scaling_max_freq", top)
         park = [c for c in self.prof.idle_policy.park_cpus if c != 0]
         if d.park != self.parked and park:
-            for c in park:
-                self.fs.set_online(c, not d.park)
+            try:
+                for c in park:
+                    self.fs.set_online(c, not d.park)
+                log.info("%s CPUs %s", "parked" if d.park else "unparked", park)
+            except PowerError as e:
+                log.error("hotplug: %s", e)
             self.parked = d.park
-            log.info("%s CPUs %s", "parked" if d.park else "unparked", park)
-        if d.suspend_until is not None:
+        if d.suspend_until is not None and not self.suspend_failed:
             log.info("suspending until %s (RTC alarm)", time.strftime("%H:%M:%S", time.localtime(d.suspend_until)))
-            self.fs.suspend_with_alarm(int(d.suspend_until))
+            try:
+                self.fs.suspend_with_alarm(int(d.suspend_until))
+            except PowerError as e:
+                # The profile allowed it but this kernel/firmware refuses: stop trying.
+                log.error("suspend failed, not trying again: %s", e)
+                self.suspend_failed = True
             self.last_activity = self.clock()  # after resume, a fresh quiet period
 
     def step(self) -> Decision | None:

@@ -367,3 +367,26 @@ def test_dispatch_through_appliance_agent(tmp_path):
                         "--interval", "0.01", "--iterations", "2"], capture_output=True, text=True, timeout=60)
     assert r.returncode == 0, r.stderr
     assert "observe-only" in r.stderr and "Traceback" not in r.stderr
+
+
+def test_refused_writes_are_logged_once_and_the_daemon_keeps_going(tmp_path, metrics, caplog):
+    prof = load_board_profile("x86-mini")
+    fs = make_tree(tmp_path, prof, governors="performance powersave", governor="powersave", ncpu=4)
+    clk = Clock()
+    m = manager(tmp_path, prof, fs, metrics.url, clock=clk)
+    m.take_control()
+    # /sys/power/state that cannot be written (a directory in its place): suspend refused.
+    (fs.sysfs_root / "power/state").unlink()
+    (fs.sysfs_root / "power/state").mkdir()
+    m.step()
+    clk.t += 61.0
+    m.step()
+    clk.t += 61.0
+    m.step()
+    assert m.suspend_failed
+    assert sum("suspend failed" in r.message for r in caplog.records) == 1
+    metrics.depth = 4
+    clk.t += 1.0
+    m.step()                                   # still controlling frequencies afterwards
+    assert pol(fs, "policy0", "scaling_min_freq") == "3400000"
+    m.restore()
