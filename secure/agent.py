@@ -59,16 +59,21 @@ def _module_default(env, board_file):
     return SOFTHSM_MODULE
 
 
+COMMON = ("--pkcs11-module", "--token-label", "--pin-file", "--store-dir", "--vendor-key", "--board",
+          "--board-file", "--token-config")
+
+
+def _common(parser, suppress: bool) -> None:
+    # Accepted before or after the sub-command (`store --pin-file F list` == `store list --pin-file F`).
+    kw = {"default": argparse.SUPPRESS} if suppress else {"default": None}
+    for flag in COMMON:
+        parser.add_argument(flag, **kw, help="SoftHSM2 config file (sets SOFTHSM2_CONF)"
+                            if flag == "--token-config" else None)
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = _Parser(prog=PROG, description="Encrypted, signed model store on a PKCS#11 token")
-    p.add_argument("--pkcs11-module")
-    p.add_argument("--token-label")
-    p.add_argument("--pin-file")
-    p.add_argument("--store-dir")
-    p.add_argument("--vendor-key")
-    p.add_argument("--board")
-    p.add_argument("--board-file")
-    p.add_argument("--token-config", help="SoftHSM2 config file (sets SOFTHSM2_CONF)")
+    _common(p, suppress=False)
     sub = p.add_subparsers(dest="cmd", required=True, parser_class=_Parser)
     k = sub.add_parser("keygen", help="create the device key pair (idempotent), print its public PEM")
     k.add_argument("--init-softhsm", action="store_true",
@@ -80,6 +85,8 @@ def build_parser() -> argparse.ArgumentParser:
     ls.add_argument("--json", action="store_true")
     c = sub.add_parser("check", help="decrypt a model in memory and verify it (nothing written)")
     c.add_argument("name")
+    for sp in (k, i, ls, c):
+        _common(sp, suppress=True)
     return p
 
 

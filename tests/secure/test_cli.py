@@ -70,6 +70,8 @@ def test_keygen_install_list_check_and_exit_codes(device):
     bad_pin.write_text("0000\n")
     r = run_cli(AGENT, ["store", "--pin-file", str(bad_pin), "list"], env=env)
     assert r.returncode == 8 and "rejected the PIN" in r.stderr
+    r = run_cli(AGENT, ["store", "list", "--pin-file", str(bad_pin)], env=env)  # flag after the command
+    assert r.returncode == 8 and "rejected the PIN" in r.stderr
     r = run_cli(AGENT, ["store", "--token-label", "nope", "list"], env=env)
     assert r.returncode == 7 and "no PKCS#11 token labelled 'nope'" in r.stderr
 
