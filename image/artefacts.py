@@ -17,21 +17,47 @@ from .errors import BuildError
 CHUNK = 4 << 20
 
 
+def data_ranges(f, size: int):
+    """(start, end, is_data) runs of a sparse file, via SEEK_DATA/SEEK_HOLE."""
+    fd, pos = f.fileno(), 0
+    while pos < size:
+        try:
+            data = os.lseek(fd, pos, os.SEEK_DATA)
+        except OSError:  # ENXIO: only a hole remains
+            data = size
+        if data > pos:
+            yield pos, data, False
+        if data >= size:
+            return
+        hole = os.lseek(fd, data, os.SEEK_HOLE)
+        yield data, hole, True
+        pos = hole
+
+
 def hash_image(img: Path, layout: DiskLayout) -> tuple[str, dict[str, str]]:
-    """sha256 of the whole image and of each partition's full extent, in one read."""
+    """sha256 of the whole image and of each partition's full extent, in one pass that
+    reads only the mapped data (holes are hashed from a zero buffer)."""
     whole = hashlib.sha256()
-    parts = {p.label: (p.offset, p.offset + p.nbytes, hashlib.sha256()) for p in layout.partitions}
+    parts = [(p.offset, p.offset + p.nbytes, p.label, hashlib.sha256()) for p in layout.partitions]
+    zero = bytes(CHUNK)
+    size = img.stat().st_size
     with open(img, "rb") as f:
-        pos = 0
-        while buf := f.read(CHUNK):
-            whole.update(buf)
-            end = pos + len(buf)
-            for start, stop, h in parts.values():
-                lo, hi = max(start, pos), min(stop, end)
-                if lo < hi:
-                    h.update(buf[lo - pos: hi - pos])
-            pos = end
-    return whole.hexdigest(), {k: v[2].hexdigest() for k, v in parts.items()}
+        for start, end, is_data in data_ranges(f, size):
+            pos = start
+            while pos < end:
+                n = min(CHUNK, end - pos)
+                if is_data:
+                    f.seek(pos)
+                    buf = f.read(n)
+                else:
+                    buf = zero[:n] if n < CHUNK else zero
+                whole.update(buf)
+                for lo_p, hi_p, _, h in parts:
+                    lo, hi = max(lo_p, pos), min(hi_p, pos + n)
+                    if lo < hi:
+                        h.update(memoryview(buf)[lo - pos: hi - pos])
+                pos += n
+    return whole.hexdigest(), {label: h.hexdigest() for _, _, label, h in parts}
 
 
 def make_bmap(img: Path, out: Path) -> None:

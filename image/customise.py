@@ -17,7 +17,8 @@ from .config import BuildConfig
 from .errors import BuildError
 from .templates_render import render_tree
 
-UNITS_ENABLED = ("appliance-ready.service", "appliance-ssh-hostkeys.service", "systemd-networkd.service")
+UNITS_ENABLED = ("appliance-ready.service", "appliance-ssh-hostkeys.service", "systemd-networkd.service",
+                 "systemd-repart.service")
 UNITS_MASKED_ALWAYS = ("systemd-networkd-wait-online.service",)
 # Production images have no login prompt anywhere.
 UNITS_MASKED_PRODUCTION = ("serial-getty@.service", "getty@.service", "console-getty.service")

@@ -115,8 +115,8 @@ def write_disk(layout: DiskLayout, out: Path, part_images: dict[str, Path], boot
             size = img.stat().st_size
             if size > p.nbytes:
                 raise BuildError(
-                    f"partition {label!r}: filesystem is {size / 2**20:.0f} MiB but the board gives it "
-                    f"{p.nbytes / 2**20:.0f} MiB (raise disk.{label.split('-')[0]}_mib in the board file)")
+                    f"partition {label!r}: filesystem is {size} bytes but the board gives it "
+                    f"{p.nbytes} (raise disk.{label.split('-')[0]}_mib in the board file)")
             copy_sparse(img, fd, p.offset)
         for b in layout.blobs:
             data = (bootloader_dir / b.file).read_bytes()

@@ -114,7 +114,7 @@ def test_templates_production(tmp_path):
 def test_templates_debug_adds_serial_autologin(tmp_path):
     root, _, written = _render(tmp_path, profile="debug")
     conf = (root / "etc/systemd/system/serial-getty@.service.d/autologin.conf").read_text()
-    assert "--autologin root" in conf
+    assert "--login-program /bin/bash" in conf and "--skip-login" in conf
 
 
 def test_templates_rk3588_extlinux(tmp_path):
