@@ -42,8 +42,9 @@ from appliance.runtime import tinymodels  # noqa: E402
 from appliance.runtime.interp import load_interpreter_class  # noqa: E402
 
 MEDIAPIPE = "mediapipe==0.10.14"
-LATENCY_MODEL = "hand_landmark/hand_landmark_lite"      # ~6 ms invoke here, batchable
-THROUGHPUT_MODEL = "face_landmark/face_landmark"       # ~0.9 ms invoke, batchable
+LATENCY_MODELS = ("hand_landmark/hand_landmark_lite",   # ~3-6 ms invoke here, 602 KB input
+                  "pose_landmark/pose_landmark_full")   # ~50 ms invoke, 786 KB input
+THROUGHPUT_MODEL = "face_landmark/face_landmark"        # ~0.8 ms invoke, batchable by resize
 
 
 def mediapipe_models() -> Path:
@@ -151,6 +152,11 @@ async def _throughput_round(port: int, name: str, body: bytes, clients: int, sec
         return done / (time.perf_counter() - t0), lat
 
 
+MODES = (("batching on (max_batch 32)", ["--max-batch", "32", "--batching", "on"]),
+         ("batching auto (max_batch 32)", ["--max-batch", "32", "--batching", "auto"]),
+         ("no batching (max_batch 1)", ["--max-batch", "1"]))
+
+
 def bench_throughput(content: bytes, clients: int, seconds: float, rounds: int) -> dict:
     mdir = Path(tempfile.mkdtemp(prefix="rt-bench-t-"))
     (mdir / "m.tflite").write_bytes(content)
@@ -159,16 +165,16 @@ def bench_throughput(content: bytes, clients: int, seconds: float, rounds: int) 
     d = it.get_input_details()[0]
     x = np.random.default_rng(1).random(d["shape"], dtype=np.float32)
     body = x.astype("<f4").tobytes()
-    res = {"batch": [], "nobatch": [], "batch_lat": [], "nobatch_lat": []}
+    res = {label: {"rps": [], "lat": []} for label, _ in MODES}
     common = ["--pool-size", "1", "--num-threads", "1", "--max-wait-ms", "0", "--queue-size", "256",
               "--no-affinity"]
     for _ in range(rounds):
-        for label, mb in (("batch", "32"), ("nobatch", "1")):
-            dmn = Daemon([sys.executable, "-m", "appliance.runtime.agent"], mdir, *common, "--max-batch", mb)
+        for label, flags in MODES:
+            dmn = Daemon([sys.executable, "-m", "appliance.runtime.agent"], mdir, *common, *flags)
             asyncio.run(_throughput_round(dmn.port, "m", body, clients, 0.5))  # warm-up
             rps, lat = asyncio.run(_throughput_round(dmn.port, "m", body, clients, seconds))
-            res[label].append(rps)
-            res[f"{label}_lat"] += lat
+            res[label]["rps"].append(rps)
+            res[label]["lat"] += lat
             dmn.stop()
     return res
 
@@ -209,30 +215,32 @@ def main() -> int:
     mods = mediapipe_models()
     print(f"# runtime benchmark  (cpus={len(os.sched_getaffinity(0))}, loadavg={os.getloadavg()[0]:.1f})\n")
 
-    lat_model = mods / f"{LATENCY_MODEL}.tflite"
-    r = bench_latency(lat_model, rounds=3 if q else 6, per_round=30 if q else 60)
-    raw50, raw99 = pct(r["raw"], 50) * 1e3, pct(r["raw"], 99) * 1e3
-    web50, web99 = pct(r["http"], 50) * 1e3, pct(r["http"], 99) * 1e3
-    print(f"## 1. latency: {LATENCY_MODEL}.tflite (mediapipe 0.10.14), {r['body_bytes']} B raw body, "
-          f"n={len(r['raw'])} each")
-    print(f"| path | p50 ms | p99 ms |\n|---|---|---|")
-    print(f"| Interpreter.invoke (raw) | {raw50:.3f} | {raw99:.3f} |")
-    print(f"| HTTP POST :predict | {web50:.3f} | {web99:.3f} |")
-    print(f"| ratio HTTP/raw | {web50 / raw50:.3f} (target <= 1.05) | {web99 / raw99:.3f} |\n")
+    print("## 1. latency, HTTP (raw body, 1 sequential client) vs Interpreter.invoke, alternating")
+    print("| model (mediapipe 0.10.14) | n | raw p50 ms | HTTP p50 ms | p50 ratio (<= 1.05) "
+          "| raw p99 ms | HTTP p99 ms | p99 ratio |\n|---|---|---|---|---|---|---|---|")
+    for name in LATENCY_MODELS:
+        n = (60 if q else 200) if "lite" in name else (20 if q else 60)
+        r = bench_latency(mods / f"{name}.tflite", rounds=1, per_round=n)
+        raw50, raw99 = pct(r["raw"], 50) * 1e3, pct(r["raw"], 99) * 1e3
+        web50, web99 = pct(r["http"], 50) * 1e3, pct(r["http"], 99) * 1e3
+        print(f"| {name} ({r['body_bytes'] // 1024} KiB in) | {n} | {raw50:.2f} | {web50:.2f} | "
+              f"{web50 / raw50:.3f} | {raw99:.2f} | {web99:.2f} | {web99 / raw99:.3f} |")
+    print()
 
     rounds, secs = (1, 2.0) if q else (2, 4.0)
-    for label, content in ((f"{THROUGHPUT_MODEL}.tflite (mediapipe)",
+    for label, content in ((f"{THROUGHPUT_MODEL}.tflite (mediapipe, conv net)",
                             (mods / f"{THROUGHPUT_MODEL}.tflite").read_bytes()),
-                           ("tinymodels fully_connected_f32(256, 256)", tinymodels.fully_connected_f32(256, 256))):
+                           ("tinymodels fully_connected_f32(1024, 1024) (weight-bound, 4 MB)",
+                            tinymodels.fully_connected_f32(1024, 1024))):
         t = bench_throughput(content, clients=32, seconds=secs, rounds=rounds)
-        b, n = statistics.median(t["batch"]), statistics.median(t["nobatch"])
+        base = statistics.median(t[MODES[-1][0]]["rps"])
         print(f"## 2. throughput, 32 concurrent clients: {label}, {rounds} round(s) x {secs:.0f} s")
-        print("| mode | req/s (median) | p50 ms | p99 ms |\n|---|---|---|---|")
-        print(f"| batching (max_batch 32) | {b:.0f} | {pct(t['batch_lat'], 50) * 1e3:.1f} | "
-              f"{pct(t['batch_lat'], 99) * 1e3:.1f} |")
-        print(f"| no batching (max_batch 1) | {n:.0f} | {pct(t['nobatch_lat'], 50) * 1e3:.1f} | "
-              f"{pct(t['nobatch_lat'], 99) * 1e3:.1f} |")
-        print(f"| ratio | {b / n:.2f} (target >= 2) | | |\n")
+        print("| mode | req/s (median) | vs no batching (target >= 2) | p50 ms | p99 ms |\n|---|---|---|---|---|")
+        for mode, _ in MODES:
+            v = statistics.median(t[mode]["rps"])
+            print(f"| {mode} | {v:.0f} | {v / base:.2f} | {pct(t[mode]['lat'], 50) * 1e3:.1f} | "
+                  f"{pct(t[mode]['lat'], 99) * 1e3:.1f} |")
+        print()
 
     if a.skip_bundle:
         return 0

@@ -71,8 +71,11 @@ def main(argv: list[str] | None = None) -> int:
             cores = big_cores(cfg.board_json)
             if cores:
                 # Before any thread exists, so every worker and TFLite thread inherits it.
-                os.sched_setaffinity(0, cores)
-                logging.getLogger("appliance.runtime").info("pinned to big cores %s", cores)
+                try:
+                    os.sched_setaffinity(0, cores)
+                    logging.getLogger("appliance.runtime").info("pinned to big cores %s", cores)
+                except OSError as e:  # e.g. a seccomp filter: run unpinned rather than not at all
+                    logging.getLogger("appliance.runtime").warning("cannot pin to cores %s: %s", cores, e.strerror)
         from .server import serve  # aiohttp + numpy only once the config is valid
         return asyncio.run(serve(cfg, port_file=a.port_file))
     except ConfigError as e:

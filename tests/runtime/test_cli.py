@@ -251,3 +251,42 @@ def test_import_check_would_catch_a_host_import(tmp_path):
             "print([k for k in sys.modules if k.startswith('appliance.image')])")
     r = subprocess.run([PY, "-c", code], capture_output=True, text=True, timeout=60)
     assert "appliance.image" in r.stdout
+
+
+def test_sighup_reloads_models(tmp_path):
+    models = tmp_path / "models"
+    models.mkdir()
+    (models / "fc.tflite").write_bytes(tinymodels.fully_connected_f32(8, 2, seed=1))
+    port_file = tmp_path / "port"
+    p = subprocess.Popen([*AGENT, "runtime", "serve", "--model-dir", str(models), "--port", "0",
+                          "--port-file", str(port_file), "--board-json", "/nonexistent",
+                          "--reload-interval-s", "0"], stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + 30
+        while not port_file.exists() and time.monotonic() < deadline:
+            time.sleep(0.05)
+        port = int(port_file.read_text())
+
+        def models_doc():
+            return json.loads(_get(f"http://127.0.0.1:{port}/v1/models")[1])["models"]
+
+        v1 = models_doc()[0]["version"]
+        (models / "fc.tflite").write_bytes(tinymodels.fully_connected_f32(8, 2, seed=2))
+        (models / "extra.tflite").write_bytes(tinymodels.fully_connected_int8(4, 2))
+        time.sleep(0.3)
+        assert models_doc()[0]["version"] == v1  # no polling: nothing changes until SIGHUP
+        p.send_signal(signal.SIGHUP)
+        deadline = time.monotonic() + 20
+        while time.monotonic() < deadline:
+            doc = {m["name"]: m["version"] for m in models_doc()}
+            if doc.get("fc") != v1 and "extra" in doc:
+                break
+            time.sleep(0.1)
+        else:
+            raise AssertionError(f"SIGHUP did not reload: {doc}")
+        p.send_signal(signal.SIGTERM)
+        assert p.wait(20) == 0
+    finally:
+        if p.poll() is None:
+            p.kill()
+            p.wait()
