@@ -109,6 +109,7 @@ class DeviceRun:
         self.packager = packager
         self.conn = None
         self.log: list[str] = []
+        self.attempt = 0  # retry number within this run of the current step
         self.on_step = on_step or (lambda serial, step: None)
 
     # -- transport ------------------------------------------------------------
@@ -176,12 +177,13 @@ class DeviceRun:
             raise StepFailed(f"`{cmd[:100]}` exited {r.exited}: {lines[-1] if lines else 'no output'}")
         return r.stdout
 
-    def put(self, data: bytes, remote: str, mode: int = 0o644) -> None:
-        """Atomic write on the device: SFTP to a temp name in the same dir, fsync, rename."""
+    def put(self, data: bytes, remote: str, mode: int = 0o644, atomic: bool = True) -> None:
+        """Write a file on the device over SFTP: to a temp name in the same dir, then fsync and
+        rename (atomic=False: straight to REMOTE, for a scratch file whose consumer checks it)."""
         if self.conn is None:
             self.connect()
         d = remote.rsplit("/", 1)[0] or "/"
-        tmp = f"{remote}.tmp-provision"
+        tmp = f"{remote}.tmp-provision" if atomic else remote
         self.run(f"mkdir -p {shlex.quote(d)}")
         try:
             sftp = self.conn.sftp()
@@ -196,7 +198,22 @@ class DeviceRun:
             if type(e).__module__.startswith("paramiko"):
                 raise Retryable(f"upload of {remote} failed: {type(e).__name__}: {e}") from None
             raise
-        self.run(f"sync {shlex.quote(tmp)} 2>/dev/null || sync; mv -f {shlex.quote(tmp)} {shlex.quote(remote)}")
+        if atomic:
+            self.run(f"sync {shlex.quote(tmp)} 2>/dev/null || sync; mv -f {shlex.quote(tmp)} {shlex.quote(remote)}")
+
+    def put_text(self, text: str, remote: str) -> str:
+        """Atomic write of a one-line text file in ONE command; returns what reads back."""
+        q, tmp = shlex.quote(remote), shlex.quote(remote + ".tmp-provision")
+        d = shlex.quote(remote.rsplit("/", 1)[0] or "/")
+        return self.run(f"umask 022; mkdir -p {d} && printf '%s\\n' {shlex.quote(text)} > {tmp} && "
+                        f"{{ sync {tmp} 2>/dev/null || true; }} && mv -f {tmp} {q} && cat {q}")
+
+    def read_many(self, *paths: str) -> list[str | None]:
+        """Several small files in one round trip (None for a missing one)."""
+        sep = "__PROVISION_SEP__"
+        cmd = "; ".join(f"cat {shlex.quote(p)} 2>/dev/null || echo __MISSING__; echo {sep}" for p in paths)
+        parts = self.run(cmd).split(sep + "\n")
+        return [None if part.strip() == "__MISSING__" else part for part in parts[:len(paths)]]
 
     def read(self, remote: str) -> str | None:
         out = self.run(f"cat {shlex.quote(remote)} 2>/dev/null || echo __MISSING__")
@@ -257,7 +274,8 @@ class DeviceRun:
         return {"device_pubkey": pem, "device_key_fp": fp}, fp
 
     def _cert(self, rec: dict, *, kind: str, pub_path: str, host: bool) -> tuple[dict, str]:
-        pub = self.read(pub_path)
+        cert_path = pub_path[: -len(".pub")] + "-cert.pub"
+        pub, on_device = self.read_many(pub_path, cert_path)
         if pub is None:
             raise StepFailed(f"{self.where}: {pub_path} missing on the device")
         pub = sshca.check_public_key(pub, f"{self.where}: {pub_path}")
@@ -282,10 +300,8 @@ class DeviceRun:
             self.inv.update(self.dev.serial, **{cert_col: cert, f"{kind}_cert_fp": sshca.fingerprint(cert)})
             self.inv.event(self.dev.serial, f"{kind}-cert-issued",
                            {"serial": serial, "principals": principals, "key_fp": key_fp})
-        cert_path = pub_path[: -len(".pub")] + "-cert.pub"
-        if (self.read(cert_path) or "").strip() != cert:
-            self.put((cert + "\n").encode(), cert_path)
-            if (self.read(cert_path) or "").strip() != cert:
+        if (on_device or "").strip() != cert:
+            if self.put_text(cert, cert_path).strip() != cert:
                 raise Retryable(f"{cert_path} did not read back as written")
         return {cert_col: cert, f"{kind}_cert_fp": sshca.fingerprint(cert)}, sshca.fingerprint(cert)
 
@@ -326,29 +342,34 @@ class DeviceRun:
         m = self.fleet.model
         if m is None:
             return {}, "no model in the fleet file"
-        have = self._installed()
-        if have is None:
-            if not rec.get("device_pubkey"):
-                raise StepFailed(f"{self.where}: no device key recorded; keygen must run first")
-            with tempfile.TemporaryDirectory(prefix="provision-pkg-") as td:
-                out = Path(td) / f"{m.name}.pkg"
-                info = self.packager.package(rec["device_pubkey"], self.dev.device_id, out)
-                self.inv.event(self.dev.serial, "model-packaged",
-                               {"version": m.version, "sha256": info["sha256"],
-                                "watermark_id": info["watermark_id"]})
-                remote = self.dev.path(f"/var/tmp/provision-{m.name}-{m.version}.pkg")
-                self.put(out.read_bytes(), remote, 0o600)
-            self.agent(f"install {shlex.quote(remote)}")
-            self.run(f"rm -f {shlex.quote(remote)}")
-            have = self._installed()
-            if have is None:
-                raise StepFailed(f"{self.where}: {m.name} {m.version} not listed as installed after install")
-            fields = {"package_sha256": info["sha256"]}
-        else:
-            fields = {}
-        wm = have.get("watermark_id")
-        return {**fields, "model_name": m.name, "model_version": m.version, "watermark_id": wm}, \
-            f"{m.name} {m.version} watermark {wm or '-'}"
+        # a first attempt cannot find our package installed; later ones ask the store first
+        # (an install may have finished just before the link dropped)
+        first = self.inv.steps(self.dev.serial).get("model", {}).get("attempts", 1) <= 1 and \
+            self.attempt == 0 and not rec.get("package_sha256")
+        have = None if first else self._installed()
+        if have is not None:
+            wm = have.get("watermark_id")
+            return {"model_name": m.name, "model_version": m.version, "watermark_id": wm}, \
+                f"{m.name} {m.version} watermark {wm or '-'} (already installed)"
+        if not rec.get("device_pubkey"):
+            raise StepFailed(f"{self.where}: no device key recorded; keygen must run first")
+        with tempfile.TemporaryDirectory(prefix="provision-pkg-") as td:
+            out = Path(td) / f"{m.name}.pkg"
+            info = self.packager.package(rec["device_pubkey"], self.dev.device_id, out)
+            self.inv.event(self.dev.serial, "model-packaged",
+                           {"version": m.version, "sha256": info["sha256"],
+                            "watermark_id": info["watermark_id"]})
+            remote = self.dev.path(f"/var/tmp/provision-{m.name}-{m.version}.pkg")
+            # scratch file: `store install` verifies signature and GCM tags of what it reads
+            self.put(out.read_bytes(), remote, 0o600, atomic=False)
+        q = shlex.quote(remote)
+        said = self.run(f"{self.f.agent} store install {q}; rc=$?; rm -f {q}; exit $rc").strip()
+        if f"installed {m.name} {m.version}" not in said:
+            raise StepFailed(f"{self.where}: store install said {said[-100:]!r}, "
+                             f"not 'installed {m.name} {m.version}'")
+        wm = info["watermark_id"]
+        return {"package_sha256": info["sha256"], "model_name": m.name, "model_version": m.version,
+                "watermark_id": wm}, f"{m.name} {m.version} watermark {wm or '-'}"
 
     def step_selftest(self, rec: dict) -> tuple[dict, str]:
         out = []
@@ -376,6 +397,7 @@ class DeviceRun:
             self.on_step(serial, step)
             delay = self.f.backoff
             for attempt in range(self.f.retries + 1):
+                self.attempt = attempt
                 try:
                     fields, detail = fn(self.inv.get(serial))
                     break

@@ -139,15 +139,39 @@ def test_one_bad_device_does_not_stop_the_others(make_lab, keys, tmp_path, capsy
     inv.close()
 
 
-def test_unreachable_device_fails_with_reason_within_its_deadline(make_lab, keys, tmp_path, capsys):
+def test_unreachable_device_fails_with_reason_within_its_deadline(make_lab, keys, tmp_path, capsys,
+                                                                  monkeypatch):
     lab = make_lab(2)
     lab.kill(lab.devices[0])
     fleet_file = lab.fleet_toml(tmp_path / "fleet.toml", ssh_wait=1.5, retries=1, backoff=0.2)
+    monkeypatch.setattr(sys.stdout, "isatty", lambda: True)  # the rich progress path
     t0 = time.monotonic()
-    assert main(["fleet", "apply", str(fleet_file), "--no-progress"]) == 1
+    assert main(["fleet", "apply", str(fleet_file)]) == 1
     assert time.monotonic() - t0 < 30
     out = capsys.readouterr().out
     assert "FAILED SN0000: ssh: SSH not reachable within 1.5 s" in out and "1 done, 1 failed" in out
+    assert "SN0000 failed:" in out and "fleet lab" in out  # rich's live line and failure print
+
+
+def test_changed_host_key_is_not_enrolled_again(make_lab, keys, tmp_path, capsys):
+    lab = make_lab(2)
+    fleet_file = lab.fleet_toml(tmp_path / "fleet.toml")
+    assert main(["fleet", "apply", str(fleet_file), "--no-progress"]) == 0
+    dev = lab.devices[1]
+    lab.kill(dev)
+    hk = dev.root / "etc/ssh/ssh_host_ed25519_key"
+    hk.unlink()
+    Path(str(hk) + ".pub").unlink()
+    subprocess.run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f", str(hk)], check=True)
+    lab.start(dev)
+    lab.wait_listening([dev])
+    capsys.readouterr()
+    assert main(["fleet", "apply", str(fleet_file), "--no-progress"]) == 1
+    out = capsys.readouterr().out
+    assert "FAILED SN0001: ssh: SN0001 (127.0.0.1:" in out and "host key changed since enrolment" in out
+    inv = Inventory(f"sqlite:///{tmp_path}/inventory.sqlite", create=False)
+    assert [e["kind"] for e in inv.events("SN0001")].count("host-cert-issued") == 1
+    inv.close()
 
 
 @pytest.mark.e2e
