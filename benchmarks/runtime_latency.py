@@ -179,6 +179,29 @@ def bench_throughput(content: bytes, clients: int, seconds: float, rounds: int) 
     return res
 
 
+async def engine_throughput(content: bytes, mode: str, seconds: float, clients: int = 32) -> float:
+    from appliance.runtime.config import ModelSettings
+    from appliance.runtime.engine import ModelRunner
+
+    r = ModelRunner("m", "1", content, ModelSettings(max_batch=32 if mode != "off" else 1, max_wait_ms=0,
+                                                     queue_size=256, batching=mode))
+    r.start()
+    x = np.zeros((1, *r.input.shape[1:]), r.input.dtype)
+    done, stop = 0, time.perf_counter() + seconds
+
+    async def client():
+        nonlocal done
+        while time.perf_counter() < stop:
+            await r.predict(x)
+            done += 1
+
+    t0 = time.perf_counter()
+    await asyncio.gather(*(client() for _ in range(clients)))
+    rate = done / (time.perf_counter() - t0)
+    await r.close()
+    return rate
+
+
 def cold_start(argv_prefix: list[str], model_dir: Path, x: np.ndarray, runs: int, env=None) -> list[float]:
     times = []
     body = x.astype("<f4").tobytes()
@@ -241,6 +264,18 @@ def main() -> int:
             print(f"| {mode} | {v:.0f} | {v / base:.2f} | {pct(t[mode]['lat'], 50) * 1e3:.1f} | "
                   f"{pct(t[mode]['lat'], 99) * 1e3:.1f} |")
         print()
+
+    print("## 2b. the same without HTTP: 32 coroutines calling ModelRunner.predict in-process")
+    print("| model | batching on req/s | off req/s | ratio |\n|---|---|---|---|")
+    for label, content in (("face_landmark (conv net)", (mods / f"{THROUGHPUT_MODEL}.tflite").read_bytes()),
+                           ("fully_connected_f32(1024, 1024)", tinymodels.fully_connected_f32(1024, 1024))):
+        on, off = [], []
+        for _ in range(rounds):
+            on.append(asyncio.run(engine_throughput(content, "on", secs / 2)))
+            off.append(asyncio.run(engine_throughput(content, "off", secs / 2)))
+        print(f"| {label} | {statistics.median(on):.0f} | {statistics.median(off):.0f} | "
+              f"{statistics.median(on) / statistics.median(off):.2f} |")
+    print()
 
     if a.skip_bundle:
         return 0

@@ -131,6 +131,8 @@ class ModelRunner:
         # row at batch > 1 (measured: mediapipe face_landmark 0.77 ms/row at 1, 3.8 at 4), so
         # "auto" measures it at load.
         self.merge, self.batching_reason = False, "model has no batch dimension"
+        if settings.max_batch == 1:
+            self.batching_reason = "off (max_batch 1)"
         if self.batchable:
             mode = settings.batching
             if settings.max_batch == 1 or mode == "off":
