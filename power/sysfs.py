@@ -101,6 +101,18 @@ class Sysfs:
     def set_online(self, cpu: int, on: bool) -> None:
         self.write(self.cpu_online(cpu), "1" if on else "0")
 
+    def arm_wake_on_lan(self) -> list[str]:
+        """Enable device wakeup on physical NICs (what `ethtool -s IF wol g` needs on top: the
+        NIC's magic-packet mode, which r8169/igc/e1000e default to when wakeup is enabled).
+        Returns the interfaces armed."""
+        armed = []
+        for dev in sorted((self.sysfs_root / "class/net").glob("*")):
+            w = dev / "device/power/wakeup"
+            if w.is_file():
+                self.write(w, "enabled")
+                armed.append(dev.name)
+        return armed
+
     def suspend_with_alarm(self, wake_epoch: int) -> None:
         """What `rtcwake -m mem -t EPOCH` does: clear, set the RTC alarm, write `mem`."""
         self.write(self.wakealarm(), 0)

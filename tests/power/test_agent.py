@@ -199,6 +199,10 @@ def test_park_after_quiet_period_then_suspend_plan(tmp_path, metrics):
     prof = load_board_profile("x86-mini")   # suspend allowed, parks cpu2, cpu3
     fs = make_tree(tmp_path, prof, governors="performance powersave", governor="powersave", ncpu=4)
     clk = Clock()
+    nic = fs.sysfs_root / "class/net/enp1s0/device/power"
+    nic.mkdir(parents=True)
+    (nic / "wakeup").write_text("disabled\n")
+    (fs.sysfs_root / "class/net/lo").mkdir()            # virtual: no device/, left alone
     m = manager(tmp_path, prof, fs, metrics.url, clock=clk)
     m.take_control()
     m.step()
@@ -209,6 +213,7 @@ def test_park_after_quiet_period_then_suspend_plan(tmp_path, metrics):
     # rtcwake-equivalent writes: alarm = now + max_sleep_s, then "mem" to /sys/power/state.
     assert int(fs.read(fs.wakealarm())) == int(clk.t + prof.idle_policy.max_sleep_s)
     assert fs.read(fs.power_state()) == "mem"
+    assert fs.read(nic / "wakeup") == "enabled"          # wake-on-LAN armed before suspending
     metrics.depth, metrics.requests = 3, 3   # demand returns
     clk.t += 1.0
     m.step()

@@ -2,6 +2,8 @@
 traces, faithful governor rules, the YDS optimum as the floor, trace CSV handling, the CLI."""
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 import pytest
 
@@ -157,6 +159,16 @@ def test_office_trace_suspends_at_night_on_x86_only(x86, rk):
     assert rx.asleep_s > 100 and rx.energy_j < od.energy_j
     assert rx.miss_frac <= 0.02          # only requests that wake the box pay the resume
     assert sim.simulate(rk, tr, "ours").asleep_s == 0
+
+
+@pytest.mark.parametrize("kind", ["diurnal", "steady", "spiky", "office"])
+def test_shipped_traces_are_what_the_generator_makes(kind):
+    shipped = read_csv(Path(__file__).resolve().parents[2] / "benchmarks/traces" / f"{kind}-s0.csv")
+    fresh = generate(kind, seed=0)
+    assert len(shipped.arrivals) == len(fresh.arrivals)
+    assert np.allclose(shipped.arrivals, fresh.arrivals, atol=1e-6)
+    assert np.allclose(shipped.work, fresh.work, atol=1e-4)
+    assert shipped.period_s == fresh.period_s
 
 
 def test_trace_generator_reproducible_and_csv_roundtrip(tmp_path):
