@@ -93,7 +93,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--boards-dir", type=Path, default=None, help="default: $APPLIANCE_BOARDS_DIR or the repo's boards/")
     s.add_argument("--trace", required=True, help="CSV file (arrival_s[,work]) or a generator: diurnal, steady, spiky, office")
     s.add_argument("--policy", default="ours", help="ours|ondemand|schedutil|performance|powersave|optimal, comma list ok")
-    s.add_argument("--param", action="append", default=[], help="policy tunable KEY=VALUE (repeatable)")
+    s.add_argument("--param", action="append", default=[], help="policy tunable KEY=VALUE (repeatable); with several policies it applies to 'ours' only")
     s.add_argument("--seed", type=int, default=0)
     s.add_argument("--duration", type=float, default=None)
     s.add_argument("--plot", default=None, help="write a PNG (frequency, queue, power over time)")
