@@ -111,7 +111,7 @@ class Manager:
             missing = [p.name for p in prof.policies if not fs.has_cpufreq(p.name)]
             if len(missing) == len(prof.policies):
                 log.warning("no cpufreq under %s (policies %s missing): observe-only mode",
-                            fs.policy_dir("").parent, ", ".join(missing))
+                            fs.policy_dir("x").parent, ", ".join(missing))
                 self.observe_only = True
             elif missing:
                 raise PowerError(f"{fs.policy_dir(missing[0])}: cpufreq policy of the board profile is missing "
