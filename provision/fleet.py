@@ -42,8 +42,6 @@ from .inventory import Inventory, default_url
 STEPS = ["ssh", "version", "identity", "keygen", "host-cert", "client-cert", "model", "selftest"]
 ALWAYS = {"ssh", "version"}  # cheap checks re-run every time (a re-flashed board shows here)
 
-HOST_KEY = "/etc/ssh/ssh_host_ed25519_key.pub"
-CLIENT_KEY = "/etc/appliance/ssh/id_ed25519"
 
 
 class Retryable(Exception):
@@ -249,9 +247,10 @@ class DeviceRun:
         return {"image_version": version}, version
 
     def step_identity(self, rec: dict) -> tuple[dict, str]:
-        files = {self.dev.path("/etc/hostname"): self.dev.hostname,
-                 self.dev.path("/etc/appliance/device-id"): self.dev.device_id,
-                 self.dev.path("/etc/appliance/serial"): self.dev.serial}
+        ident = self.f.identity_dir.rstrip("/")
+        files = {self.dev.path(self.f.hostname_file): self.dev.hostname,
+                 self.dev.path(f"{ident}/device-id"): self.dev.device_id,
+                 self.dev.path(f"{ident}/serial"): self.dev.serial}
         script = ["set -e"]
         for path, value in files.items():
             q, tmp = shlex.quote(path), shlex.quote(path + ".tmp-provision")
@@ -317,10 +316,10 @@ class DeviceRun:
                                          for ln in p.stdout.splitlines())
 
     def step_host_cert(self, rec: dict) -> tuple[dict, str]:
-        return self._cert(rec, kind="host", pub_path=self.dev.path(HOST_KEY), host=True)
+        return self._cert(rec, kind="host", pub_path=self.dev.path(self.f.host_key), host=True)
 
     def step_client_cert(self, rec: dict) -> tuple[dict, str]:
-        key = self.dev.path(CLIENT_KEY)
+        key = self.dev.path(self.f.client_key)
         q = shlex.quote(key)
         # the device makes its own client key; its private half never leaves it
         self.run(f"test -s {q} || {{ mkdir -p $(dirname {q}) && "
@@ -359,7 +358,7 @@ class DeviceRun:
             self.inv.event(self.dev.serial, "model-packaged",
                            {"version": m.version, "sha256": info["sha256"],
                             "watermark_id": info["watermark_id"]})
-            remote = self.dev.path(f"/var/tmp/provision-{m.name}-{m.version}.pkg")
+            remote = self.dev.path(f"{self.f.upload_dir.rstrip('/')}/provision-{m.name}-{m.version}.pkg")
             # scratch file: `store install` verifies signature and GCM tags of what it reads
             self.put(out.read_bytes(), remote, 0o600, atomic=False)
         q = shlex.quote(remote)

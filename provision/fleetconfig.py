@@ -14,6 +14,12 @@
     retries = 3                 # per step, on connection loss/timeouts
     backoff = 1.0               # seconds, doubled per retry
     selftest = ["{agent} store check {model_name}"]   # more commands may be added
+    init_token = false          # SoftHSM2 boards: let `store keygen` initialise the token
+    hostname_file = "/etc/hostname"           # device paths; on a read-only root point
+    identity_dir = "/etc/appliance"           # them at the writable mount
+    host_key = "/etc/ssh/ssh_host_ed25519_key.pub"
+    client_key = "/etc/appliance/ssh/id_ed25519"
+    upload_dir = "/var/tmp"
 
     [ca]
     key = "ca/factory_ca"       # factory SSH CA private key; never leaves the station
@@ -74,6 +80,26 @@ class FleetSettings(_Strict):
     backoff: float = Field(1.0, ge=0)
     selftest: list[str] = Field(default_factory=lambda: ["{agent} store check {model_name}"])
     init_token: bool = False  # SoftHSM2 boards only: `store keygen --init-softhsm`
+    # where identity goes on the device (an erofs root needs these on a writable mount)
+    hostname_file: str = "/etc/hostname"
+    identity_dir: str = "/etc/appliance"  # device-id, serial
+    host_key: str = "/etc/ssh/ssh_host_ed25519_key.pub"  # its -cert.pub goes next to it
+    client_key: str = "/etc/appliance/ssh/id_ed25519"  # made on the device; -cert.pub next to it
+    upload_dir: str = "/var/tmp"  # scratch space for model packages
+
+    @field_validator("hostname_file", "identity_dir", "host_key", "client_key", "upload_dir", "manifest_path")
+    @classmethod
+    def _abs(cls, v: str) -> str:
+        if not v.startswith("/"):
+            raise ValueError("must be an absolute device path")
+        return v
+
+    @field_validator("host_key")
+    @classmethod
+    def _pub(cls, v: str) -> str:
+        if not v.endswith(".pub"):
+            raise ValueError("must name the public key (.pub)")
+        return v
 
 
 class CASettings(_Strict):

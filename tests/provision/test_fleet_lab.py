@@ -155,8 +155,13 @@ def test_unreachable_device_fails_with_reason_within_its_deadline(make_lab, keys
 
 def test_changed_host_key_is_not_enrolled_again(make_lab, keys, tmp_path, capsys):
     lab = make_lab(2)
-    fleet_file = lab.fleet_toml(tmp_path / "fleet.toml")
+    # identity on a writable mount, as an image with a read-only (erofs) root needs
+    fleet_file = lab.fleet_toml(tmp_path / "fleet.toml", identity_dir="/var/lib/appliance/identity",
+                                hostname_file="/var/lib/appliance/identity/hostname")
     assert main(["fleet", "apply", str(fleet_file), "--no-progress"]) == 0
+    ident = lab.devices[0].root / "var/lib/appliance/identity"
+    assert (ident / "hostname").read_text() == "edge-sn0000\n" and (ident / "serial").read_text() == "SN0000\n"
+    assert not (lab.devices[0].root / "etc/hostname").exists()
     dev = lab.devices[1]
     lab.kill(dev)
     hk = dev.root / "etc/ssh/ssh_host_ed25519_key"
