@@ -86,7 +86,7 @@ def build_parser():
     k.add_argument("--watermark-key")
     k.add_argument("--device-id")
     k.add_argument("--oaep-hash", default="SHA-1", help="SHA-1 for SoftHSM 2.6, SHA-256 for TPM/OP-TEE")
-    k.add_argument("--chunk-size", type=int, default=1 << 20)
+    k.add_argument("--chunk-size", type=int, default=16 << 20)
     k.add_argument("-o", "--output", required=True)
     w = sub.add_parser("watermark", help="embed or verify a per-device watermark")
     ws = w.add_subparsers(dest="wcmd", required=True, parser_class=_Parser)
