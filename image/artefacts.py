@@ -60,10 +60,16 @@ def hash_image(img: Path, layout: DiskLayout) -> tuple[str, dict[str, str]]:
     return whole.hexdigest(), {label: h.hexdigest() for _, _, label, h in parts}
 
 
-def make_bmap(img: Path, out: Path) -> None:
-    r = subprocess.run(["bmaptool", "create", "-o", str(out), str(img)], capture_output=True, text=True)
-    if r.returncode != 0:
-        raise BuildError(f"bmaptool create failed: {(r.stderr or r.stdout).strip()[:300]}")
+def start_bmap(img: Path, out: Path) -> subprocess.Popen:
+    """bmaptool runs beside our own hashing of the image (both mostly wait on reads)."""
+    return subprocess.Popen(["bmaptool", "create", "-o", str(out), str(img)],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+def finish_bmap(proc: subprocess.Popen) -> None:
+    out, err = proc.communicate()
+    if proc.returncode != 0:
+        raise BuildError(f"bmaptool create failed: {(err or out).strip()[:300]}")
 
 
 def bmap_mapped_bytes(bmap: Path) -> int:

@@ -13,9 +13,9 @@ from pathlib import Path
 from rich.console import Console
 
 from . import cache
-from .artefacts import bmap_mapped_bytes, hash_image, make_bmap, sbom, write_json
+from .artefacts import bmap_mapped_bytes, finish_bmap, hash_image, sbom, start_bmap, write_json
 from .config import BuildConfig
-from .customise import customise
+from .customise import base_key, customise, prepare_base
 from .disk import plan_disk, write_disk
 from .errors import BuildError
 from .filesystems import make_erofs, make_ext4, make_vfat, stable_uuid
@@ -90,8 +90,11 @@ def build(cfg: BuildConfig, console: Console | None = None) -> BuildResult:
             "version": cfg.image_version, "inputs": digest, "suite": cfg.board.suite, "arch": cfg.board.arch,
         }
         root, boot = work / "root", work / "boot"
+        bkey = base_key(cfg, key)
+        with st.stage("base tree", "(cached)" if cache.lookup("base", bkey) else "(extract, kernel, modules)"):
+            base, _ = cache.cached("base", bkey, lambda d: prepare_base(cfg, tarball, d))
         with st.stage("customise"):
-            facts = customise(cfg, tarball, root, boot, build_info)
+            facts = customise(cfg, base, root, boot, build_info)
         epoch = cfg.source_date_epoch
         layout = plan_disk(cfg)
         with st.stage("filesystems"):
@@ -107,8 +110,11 @@ def build(cfg: BuildConfig, console: Console | None = None) -> BuildResult:
             write_disk(layout, partial["img"], {"boot": boot_img, "root-a": root_img, "data": data_img},
                        cfg.bootloader_dir)
         with st.stage("artefacts"):
-            make_bmap(partial["img"], partial["bmap"])
-            img_sha, part_sha = hash_image(partial["img"], layout)
+            bmap_proc = start_bmap(partial["img"], partial["bmap"])
+            try:
+                img_sha, part_sha = hash_image(partial["img"], layout)
+            finally:
+                finish_bmap(bmap_proc)
             manifest = {
                 **build_info,
                 "variant": cfg.variant_name,

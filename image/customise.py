@@ -1,7 +1,9 @@
 """Stage 3: turn the cached rootfs tarball into the image's root and boot trees.
 
-Runs on every build (it is cheap next to mmdebstrap), so templates and profiles never touch
-the rootfs cache.
+Two parts: `prepare_base` (extract, move the kernel out, trim modules: depends only on the
+rootfs and the board, so it is cached too) and `customise` (templates and profile, run on
+every build on a hard-link copy of the base). Templates and profiles never touch the rootfs
+cache.
 """
 from __future__ import annotations
 
@@ -13,6 +15,7 @@ import subprocess
 from dataclasses import dataclass
 from pathlib import Path
 
+from . import cache
 from .config import BuildConfig
 from .errors import BuildError
 from .templates_render import render_tree
@@ -125,8 +128,18 @@ def template_context(cfg: BuildConfig, build_info: dict) -> dict:
     }
 
 
-def customise(cfg: BuildConfig, tarball: Path, root: Path, boot: Path, build_info: dict) -> dict:
-    """Fill `root` (the future erofs) and `boot` (the boot partition). Returns facts for the manifest."""
+def base_key(cfg: BuildConfig, rootfs_key: str) -> str:
+    """Everything the template-independent part depends on (this file's code included)."""
+    return cache.inputs_hash({
+        "stage": "base", "rootfs": rootfs_key, "keep": cfg.board.modules.keep, "dtb": cfg.dtb,
+        "boot": cfg.board.boot, "arch": cfg.board.arch, "epoch": cfg.source_date_epoch,
+        "code": cache.file_digest(Path(__file__)),
+    })
+
+
+def prepare_base(cfg: BuildConfig, tarball: Path, dest: Path) -> None:
+    """The template-independent part of customising, cached as dest/{root,boot,facts.json}."""
+    root, boot = dest / "root", dest / "boot"
     extract(tarball, root)
     kernel = find_kernel(root)
     slot = boot / "a"
@@ -149,17 +162,36 @@ def customise(cfg: BuildConfig, tarball: Path, root: Path, boot: Path, build_inf
         if (root / link).is_symlink():
             (root / link).unlink()
     kept, dropped = trim_modules(root, kernel.version, cfg.board.modules.keep)
-
     # Keys made by openssh-server's postinst would be shared by every device: drop them.
     for key in (root / "etc/ssh").glob("ssh_host_*"):
         key.unlink()
     (root / "etc/machine-id").write_text("")
     (root / "data").mkdir(exist_ok=True)
+    clamp_mtimes(root, cfg.source_date_epoch)
+    clamp_mtimes(boot, cfg.source_date_epoch)
+    facts = {"kernel": kernel.version, "modules_kept": kept, "modules_dropped": dropped,
+             "packages": dpkg_packages(root)}
+    (dest / "facts.json").write_text(json.dumps(facts))
 
+
+def hardlink_tree(src: Path, dst: Path) -> None:
+    """A copy in well under a second: new directories, shared file inodes. Whoever changes a
+    file in `dst` must replace it (unlink, then create), never write into it, or the cache
+    entry behind `src` changes too."""
+    r = subprocess.run(["cp", "-al", str(src), str(dst)], capture_output=True, text=True)
+    if r.returncode != 0:
+        raise BuildError(f"copying {src} failed: {r.stderr.strip()[:300]}")
+
+
+def customise(cfg: BuildConfig, base: Path, root: Path, boot: Path, build_info: dict) -> dict:
+    """Fill `root` (the future erofs) and `boot` (the boot partition) from the cached base
+    tree plus templates and profile. Returns facts for the manifest."""
+    hardlink_tree(base / "root", root)
+    hardlink_tree(base / "boot", boot)
+    facts = json.loads((base / "facts.json").read_text())
     ctx = template_context(cfg, build_info)
     rendered = render_tree("rootfs", root, ctx, cfg.templates_overlay)
     rendered_boot = render_tree(f"boot-{cfg.board.boot}", boot, ctx, cfg.templates_overlay)
-
     _systemctl(root, "enable", *UNITS_ENABLED)
     masked = list(UNITS_MASKED_ALWAYS)
     if cfg.profile == "production":
@@ -167,13 +199,7 @@ def customise(cfg: BuildConfig, tarball: Path, root: Path, boot: Path, build_inf
     _systemctl(root, "mask", *masked)
     clamp_mtimes(root, cfg.source_date_epoch)
     clamp_mtimes(boot, cfg.source_date_epoch)
-    return {
-        "kernel": kernel.version,
-        "modules_kept": kept,
-        "modules_dropped": dropped,
-        "rendered": sorted(rendered + [f"boot:{p}" for p in rendered_boot]),
-        "packages": dpkg_packages(root),
-    }
+    return {**facts, "rendered": sorted(rendered + [f"boot:{p}" for p in rendered_boot])}
 
 
 EFI_NAMES = {"amd64": ("systemd-bootx64.efi", "BOOTX64.EFI"), "arm64": ("systemd-bootaa64.efi", "BOOTAA64.EFI")}

@@ -32,7 +32,8 @@ def render_tree(tree: str, dest: Path, context: dict, overlay: Path | None = Non
             continue
         out = dest / rel[: -len(".j2")]
         out.parent.mkdir(parents=True, exist_ok=True)
-        if out.is_symlink():
+        # Replace, never write in place: the tree may share inodes with a cache entry.
+        if out.exists() or out.is_symlink():
             out.unlink()
         out.write_text(text)
         written.append(rel[: -len(".j2")])
