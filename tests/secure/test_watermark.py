@@ -144,3 +144,57 @@ def test_cli_embed_verify_and_package_with_watermark(tmp_path, f32):
     (tmp_path / "short").write_bytes(b"x")
     r = run_cli("appliance.secure.cli", ["watermark", "verify", str(tmp_path / "m.tflite"), "--key", str(tmp_path / "short")])
     assert r.returncode == 1 and "shorter than 16 bytes" in r.stderr and r.stderr.count("\n") == 1
+
+
+def test_package_with_watermark_carries_the_device_id(tmp_path, f32):
+    """`appliance-secure package --watermark-key --device-id`: the manifest names the id and the
+    encrypted model, decrypted with the device's private key, verifies to that id."""
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import padding, rsa
+
+    from appliance.secure import envelope as env
+
+    model, _ = f32
+    dev_key = rsa.generate_private_key(public_exponent=65537, key_size=2048)  # stands in for the token
+    (tmp_path / "dev.pem").write_bytes(dev_key.public_key().public_bytes(
+        serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo))
+    (tmp_path / "m.tflite").write_bytes(model)
+    (tmp_path / "k").write_bytes(KEY)
+    assert run_cli("appliance.secure.cli", ["vendor-key", str(tmp_path / "v.pem")]).returncode == 0
+    r = run_cli("appliance.secure.cli", ["package", str(tmp_path / "m.tflite"), "--name", "fc", "--version", "2.1",
+                                         "--board", "qemu-arm64", "--device-pubkey", str(tmp_path / "dev.pem"),
+                                         "--signing-key", str(tmp_path / "v.pem"), "--watermark-key", str(tmp_path / "k"),
+                                         "--device-id", f"0x{DEV:016x}", "-o", str(tmp_path / "fc.pkg")])
+    assert r.returncode == 0, r.stderr
+    pkg = env.parse_package((tmp_path / "fc.pkg").read_bytes())
+    assert pkg.manifest.watermark_id == f"{DEV:016x}"
+    h = hashes.SHA1()
+    data_key = dev_key.decrypt(pkg.keyblock.data_key, padding.OAEP(mgf=padding.MGF1(h), algorithm=h, label=None))
+    plain = env.decrypt(pkg.header_raw, pkg.header, pkg.ciphertext, data_key)
+    assert plain != model and W.verify(plain, KEY).device_id == DEV
+
+
+def test_float16_weights_behind_dequantize():
+    """Converters keep float16 weights behind DEQUANTIZE: those are marked (in float16, in
+    place), the shared float16 buffer is left alone, and the real interpreter still agrees
+    with the original closely."""
+    from ai_edge_litert.interpreter import Interpreter
+
+    from .fp16model import fc_fp16
+
+    model, _, _ = fc_fp16(512, 256, seed=9)
+    [t] = W.weight_tensors(model)  # the two tensors sharing a buffer are not candidates
+    assert t.name == "weights_f16" and t.dtype == np.float16
+    marked = W.embed(model, KEY, DEV).model
+    assert _outside_weights_identical(model, marked)  # shared buffer and everything else untouched
+    assert W.verify(marked, KEY).device_id == DEV
+    x = np.random.default_rng(1).standard_normal((1, 512)).astype(np.float32)
+    outs = []
+    for m in (model, marked):
+        it = Interpreter(model_content=m, num_threads=1)
+        it.allocate_tensors()
+        it.set_tensor(it.get_input_details()[0]["index"], x)
+        it.invoke()
+        outs.append(it.get_tensor(it.get_output_details()[0]["index"]).copy())
+    rel = np.linalg.norm(outs[1] - outs[0]) / np.linalg.norm(outs[0])
+    assert 0 < rel < 1e-2, rel
