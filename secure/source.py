@@ -26,9 +26,11 @@ class SecureModelSource:
     @classmethod
     def from_env(cls, environ=os.environ) -> "SecureModelSource":
         """Same variables as `appliance-agent store` (see appliance.secure.agent)."""
-        from .agent import DEFAULTS
+        from .agent import DEFAULTS, _module_default
         g = lambda k: environ.get(k) or DEFAULTS[k]  # noqa: E731
-        return cls.from_config(module=g("APPLIANCE_PKCS11_MODULE"), token_label=g("APPLIANCE_TOKEN_LABEL"),
+        # module: env, else the board file's [secure] pkcs11_module, else SoftHSM2 (as the agent)
+        module = _module_default(environ, g("APPLIANCE_BOARD_FILE"))
+        return cls.from_config(module=module, token_label=g("APPLIANCE_TOKEN_LABEL"),
                                pin_file=g("APPLIANCE_PIN_FILE"), store_dir=g("APPLIANCE_STORE_DIR"),
                                vendor_key=g("APPLIANCE_VENDOR_KEY"), board=environ.get("APPLIANCE_BOARD"),
                                board_file=g("APPLIANCE_BOARD_FILE"))

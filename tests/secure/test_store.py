@@ -155,3 +155,27 @@ def test_files_not_installed_by_this_store_are_refused(store, device_a, vendor_k
     path.write_bytes(sealed)
     assert store.load("det").content == b"real" * 100
     assert store.load("det", rehash=True).content == b"real" * 100
+
+
+def test_source_from_env_takes_module_from_board_file(tmp_path, softhsm, device_a, vendor_key):
+    """Like the agent: the PKCS#11 module comes from board.json's secure.pkcs11_module unless
+    APPLIANCE_PKCS11_MODULE is set; the board name from the same file."""
+    import json
+
+    from cryptography.hazmat.primitives import serialization
+    (tmp_path / "vendor.pub").write_bytes(vendor_key.public_key().public_bytes(
+        serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo))
+    (tmp_path / "pin").write_text("1234\n")
+    board = tmp_path / "board.json"
+    board.write_text(json.dumps({"name": BOARD, "secure": {"pkcs11_module": str(tmp_path / "libckteec.so.0")}}))
+    env = {"APPLIANCE_BOARD_FILE": str(board), "APPLIANCE_VENDOR_KEY": str(tmp_path / "vendor.pub"),
+           "APPLIANCE_TOKEN_LABEL": "dev-a", "APPLIANCE_PIN_FILE": str(tmp_path / "pin"),
+           "APPLIANCE_STORE_DIR": str(tmp_path / "store")}
+    src = SecureModelSource.from_env(env)
+    assert src.store.backend.config.module.endswith("libckteec.so.0") and src.store.board == BOARD
+    with pytest.raises(E.TokenMissingError, match="libckteec.so.0 not found"):
+        src.store.backend.public_key_pem()
+    env["APPLIANCE_PKCS11_MODULE"] = "/usr/lib/softhsm/libsofthsm2.so"
+    src = SecureModelSource.from_env(env)
+    assert src.store.backend.public_key_pem() == device_a[1]
+    assert src.names() == []
