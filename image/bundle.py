@@ -344,3 +344,17 @@ def chroot_command(root: Path, argv: list[str], binds: dict[str, Path]) -> list[
         steps.append(f"mount --bind {shlex.quote(str(host))} {shlex.quote(str(target))}")
     steps.append("exec " + shlex.join(["chroot", str(r), *argv]))
     return ["unshare", "--mount", "--propagation", "private", "/bin/sh", "-ec", " && ".join(steps)]
+
+
+def bundle_modules(bundle_dir: Path, arch: str, suite: str, *, runtime_backend: str | None = None) -> list[str]:
+    """Python modules frozen into the bundle's PYZ (PyInstaller's archive viewer, run in the
+    cached builder chroot): what the bundle can import, e.g. to prove it has no host code."""
+    plan = plan_bundle(arch, suite, runtime_backend)
+    root, _ = build_builder(plan)
+    argv = chroot_command(root, ["/opt/builder-venv/bin/pyi-archive_viewer", "--list", "--recursive", "--brief",
+                                 "/opt/appliance/appliance-agent"], {"/opt/appliance": Path(bundle_dir)})
+    r = subprocess.run(argv, capture_output=True, text=True,
+                       env={"PATH": "/usr/sbin:/usr/bin:/sbin:/bin"})
+    if r.returncode:
+        raise BuildError(f"bundle: cannot list {bundle_dir}: {(r.stderr.strip().splitlines() or ['?'])[-1]}")
+    return r.stdout.split()

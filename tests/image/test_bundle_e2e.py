@@ -61,6 +61,15 @@ def test_amd64_bundle_serves_a_prediction(tmp_path, suite, backend):
     assert bundle.build_agent_bundle("amd64", suite, source_root=src) == bdir
     assert time.monotonic() - t0 < 10
 
+    # The frozen archive holds the device packages and never host code or host-only libraries.
+    mods = set(bundle.bundle_modules(bdir, "amd64", suite))
+    assert {"appliance.runtime.server", "appliance.runtime.cli", "appliance.runtime.agent",
+            bundle.BACKEND_MODULE[backend]} <= mods
+    assert "appliance.secure.agent" in mods and any(m.startswith("appliance.power.") for m in mods)
+    leaked = sorted(m for m in mods if m.split(".")[0] in ("jinja2", "pydantic", "fabric", "matplotlib", "tflite")
+                    or m.startswith(("appliance.image", "appliance.provision")))
+    assert not leaked, f"host code in the bundle: {leaked[:10]}"
+
     models, run = tmp_path / "models", tmp_path / "run"
     models.mkdir()
     run.mkdir()
