@@ -47,9 +47,38 @@ def tree_digest(root: Path) -> str:
     return h.hexdigest()
 
 
+# Entries kept per stage, most recently used first; a stage's entries are 0.1-1 GB each.
+KEEP = {"rootfs": 4, "base": 6, "agent-bundle": 6, "bundle-chroot": 4, "bundle-builder": 4}
+DEFAULT_KEEP = 6
+
+
 def lookup(stage: str, key: str) -> Path | None:
     entry = cache_root() / stage / key
-    return entry if (entry / ".complete").exists() else None
+    marker = entry / ".complete"
+    if not marker.exists():
+        return None
+    try:
+        os.utime(marker)  # recently used: pruning keeps it
+    except OSError:
+        pass
+    return entry
+
+
+def prune(stage: str, keep: int | None = None) -> list[str]:
+    """Drop the least recently used complete entries beyond `keep`; returns the keys removed."""
+    keep = KEEP.get(stage, DEFAULT_KEEP) if keep is None else keep
+    parent = cache_root() / stage
+    if not parent.is_dir():
+        return []
+    entries = sorted(
+        (p for p in parent.iterdir() if (p / ".complete").exists()),
+        key=lambda p: (p / ".complete").stat().st_mtime, reverse=True,
+    )
+    removed = []
+    for p in entries[keep:]:
+        shutil.rmtree(p, ignore_errors=True)
+        removed.append(p.name)
+    return removed
 
 
 def cached(stage: str, key: str, produce: Callable[[Path], None]) -> tuple[Path, bool]:
@@ -68,6 +97,7 @@ def cached(stage: str, key: str, produce: Callable[[Path], None]) -> tuple[Path,
         if final.exists():  # an incomplete leftover from a killed run
             shutil.rmtree(final)
         os.rename(tmp, final)
+        prune(stage)
         return final, False
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
