@@ -21,6 +21,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import math
 import os
 import time
 
@@ -204,7 +205,7 @@ def _parse_raw(body: bytes, headers, runner: ModelRunner) -> np.ndarray:
         if row == 0 or n % row:
             raise RequestError(400, f"body has {n} values, not a multiple of the {row} values per row")
         shape = (n // row, *spec.shape[1:]) if runner.batchable else spec.shape
-    if int(np.prod(shape)) * dt.itemsize != len(body):
+    if math.prod(shape) * dt.itemsize != len(body):  # Python ints: no int64 wrap-around
         raise RequestError(400, f"body of {len(body)} bytes does not match X-Tensor-Shape {list(shape)}")
     return np.frombuffer(body, dtype=dt).astype(spec.dtype, copy=False).reshape(shape)
 
