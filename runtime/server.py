@@ -238,7 +238,9 @@ def make_app(registry: ModelRegistry, cfg: RuntimeConfig) -> web.Application:
         finally:
             metrics.requests.labels(label, str(status)).inc()
             if status == 200:
-                metrics.latency.labels(label).observe(time.perf_counter() - t0)
+                dt = time.perf_counter() - t0
+                metrics.latency.labels(label).observe(dt)
+                metrics.window.observe(label, dt)
 
     async def _predict(request: web.Request, name: str) -> web.StreamResponse:
         runner = registry.runners.get(name)

@@ -176,6 +176,9 @@ def test_batching_merges_requests_visible_in_metrics(model_dir):
             assert rows == 32
             assert invokes <= 8, f"32 single-row requests took {invokes} invokes: not batched"
             assert metric(text, "appliance_runtime_requests_total", model="fc", code="200") == 32
+            p50 = metric(text, "appliance_runtime_request_latency_window_seconds", model="fc", quantile="0.5")
+            p99 = metric(text, "appliance_runtime_request_latency_window_seconds", model="fc", quantile="0.99")
+            assert 0 < p50 <= p99 < 60
     run(t())
 
 
@@ -346,3 +349,20 @@ def test_decide_merge(t1, tb, b, merge):
     from appliance.runtime.engine import decide_merge
     got, why = decide_merge(t1, tb, b)
     assert got is merge and "ms/row" in why
+
+
+def test_latency_window_quantiles_are_exact():
+    from prometheus_client import generate_latest
+
+    from appliance.runtime.metrics import WINDOW, Metrics
+
+    m = Metrics()
+    for i in range(1, 101):
+        m.window.observe("a", i / 1000)
+    for _ in range(WINDOW):  # the window forgets: only the latest WINDOW count
+        m.window.observe("b", 0.5)
+    m.window.observe("b", 0.001)
+    text = generate_latest(m.registry).decode()
+    assert metric(text, "appliance_runtime_request_latency_window_seconds", model="a", quantile="0.5") == pytest.approx(0.0505)
+    assert metric(text, "appliance_runtime_request_latency_window_seconds", model="a", quantile="0.99") == pytest.approx(0.09901)
+    assert metric(text, "appliance_runtime_request_latency_window_seconds", model="b", quantile="0.5") == 0.5
