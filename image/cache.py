@@ -94,6 +94,10 @@ def cached(stage: str, key: str, produce: Callable[[Path], None]) -> tuple[Path,
         produce(tmp)
         (tmp / ".complete").write_text(key + "\n")
         final = parent / key
+        done = lookup(stage, key)
+        if done is not None:  # a concurrent build published the same entry first: use that one
+            shutil.rmtree(tmp, ignore_errors=True)
+            return done, False
         if final.exists():  # an incomplete leftover from a killed run
             shutil.rmtree(final)
         os.rename(tmp, final)

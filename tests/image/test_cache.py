@@ -50,3 +50,14 @@ def test_prune_keeps_most_recently_used():
 def test_inputs_hash_is_order_independent():
     assert cache.inputs_hash({"a": 1, "b": [1, 2]}) == cache.inputs_hash({"b": [1, 2], "a": 1})
     assert cache.inputs_hash({"a": 1}) != cache.inputs_hash({"a": 2})
+
+
+def test_concurrent_publisher_wins_and_is_not_replaced():
+    def produce_racing(d):
+        # another build publishes the same key while this one is still producing
+        cache.cached("r", "k", lambda d2: (d2 / "who").write_text("first"))
+        (d / "who").write_text("second")
+
+    entry, hit = cache.cached("r", "k", produce_racing)
+    assert (entry / "who").read_text() == "first"
+    assert [p.name for p in (cache.cache_root() / "r").iterdir()] == ["k"]
