@@ -96,7 +96,7 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--uboot", action="append", default=[], metavar="CMD",
                    help="step: interrupt autoboot if needed, run CMD at the U-Boot prompt and "
                         "print its output and exit status")
-    c.add_argument("--until", choices=["uboot", "kernel", "login"],
+    c.add_argument("--until", choices=["uboot", "kernel", "login", "ready"],
                    help="wait until this boot stage is seen, then exit")
     c.add_argument("--timeout", type=float, default=120.0, help="seconds per step")
     c.set_defaults(func=cmd_console, steps_order=[])

@@ -35,6 +35,9 @@ STAGES: dict[str, re.Pattern[bytes]] = {
     "uboot": re.compile(rb"(?m)^=> "),
     "kernel": re.compile(rb"Linux version \d+\.\d+\S*"),
     "login": re.compile(rb"(?m)^\S+ login: "),
+    # appliance images announce themselves on the console when multi-user is up
+    # (image area's appliance-ready.service; debug images have no login prompt)
+    "ready": re.compile(rb"APPLIANCE-READY\b[^\r\n]*\r?\n"),  # the whole line
 }
 
 
@@ -313,7 +316,7 @@ class UBootShell:
 
 
 class BootStrategy:
-    """Drive a board from power-on to a state: 'uboot' (shell), 'kernel', 'login'."""
+    """Drive a board from power-on to a state: 'uboot' (shell), 'kernel', 'login', 'ready'."""
 
     def __init__(self, con: Console):
         self.con = con
@@ -324,13 +327,13 @@ class BootStrategy:
         if state == "uboot":
             if self.state != "uboot":
                 self.uboot.interrupt_autoboot(timeout)
-        elif state in ("kernel", "login"):
+        elif state in ("kernel", "login", "ready"):
             if self.state == "uboot":
                 self.con.sendline("boot")
                 self.uboot.at_prompt = False
             self.con.wait_stage(state, timeout)
         else:
-            raise ProvisionError(f"unknown console state {state!r} (uboot, kernel, login)")
+            raise ProvisionError(f"unknown console state {state!r} (uboot, kernel, login, ready)")
         self.state = state
 
 
@@ -344,6 +347,9 @@ def run_console_cli(args) -> int:
                 print(f"matched: {m.group(0).decode(errors='replace').strip()}")
             elif kind == "send":
                 con.sendline(value)
+                # whatever was sent (e.g. `boot`) may have moved the board on
+                strat.state = "unknown"
+                strat.uboot.at_prompt = False
             elif kind == "uboot":
                 strat.transition("uboot", args.timeout)
                 res = strat.uboot.run(value, args.timeout)
