@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import errno
+import json
 import os
 import shutil
 import tempfile
@@ -59,6 +60,7 @@ def inputs_digest(cfg: BuildConfig, rootfs_key: str) -> str:
     return cache.inputs_hash({
         "rootfs": rootfs_key, "templates": cache.tree_digest(TEMPLATES), "code": code,
         "overlay": cache.tree_digest(cfg.templates_overlay) if cfg.templates_overlay else None,
+        "data_tree": cache.tree_digest(cfg.data_tree) if cfg.data_tree else None,
         "board": cfg.board.model_dump(mode="json"), "variant": cfg.variant_name, "profile": cfg.profile,
         "version": cfg.image_version, "blobs": blobs, "sde": cfg.source_date_epoch,
     })
@@ -93,8 +95,16 @@ def build(cfg: BuildConfig, console: Console | None = None) -> BuildResult:
         bkey = base_key(cfg, key)
         with st.stage("base tree", "(cached)" if cache.lookup("base", bkey) else "(extract, kernel, modules)"):
             base, _ = cache.cached("base", bkey, lambda d: prepare_base(cfg, tarball, d))
+        bundle = None
+        if cfg.with_agent:
+            from .bundle import build_agent_bundle, plan_bundle
+
+            bkey_agent = plan_bundle(cfg.board.arch, cfg.board.suite, mirror=cfg.mirror).bundle_key()
+            warm = cache.lookup("agent-bundle", bkey_agent) is not None
+            with st.stage("agent bundle", "(cached)" if warm else "(PyInstaller in a target chroot, minutes)"):
+                bundle = build_agent_bundle(cfg.board.arch, cfg.board.suite, mirror=cfg.mirror)
         with st.stage("customise"):
-            facts = customise(cfg, base, root, boot, build_info)
+            facts = customise(cfg, base, root, boot, build_info, bundle)
         epoch = cfg.source_date_epoch
         layout = plan_disk(cfg)
         with st.stage("filesystems"):
@@ -105,7 +115,7 @@ def build(cfg: BuildConfig, console: Console | None = None) -> BuildResult:
                 make_ext4(boot, boot_img, cfg.board.disk.boot_mib, "boot", stable_uuid(name, "fs", "boot"), epoch)
             root_size = make_erofs(root, root_img, stable_uuid(name, "fs", "root"), epoch)
             shutil.rmtree(root)  # frees ~1 GB before the disk is written
-            make_ext4(None, data_img, cfg.board.disk.data_mib, "data", stable_uuid(name, "fs", "data"), epoch)
+            make_ext4(cfg.data_tree, data_img, cfg.board.disk.data_mib, "data", stable_uuid(name, "fs", "data"), epoch)
         with st.stage("disk"):
             write_disk(layout, partial["img"], {"boot": boot_img, "root-a": root_img, "data": data_img},
                        cfg.bootloader_dir)
@@ -130,6 +140,7 @@ def build(cfg: BuildConfig, console: Console | None = None) -> BuildResult:
                 "modules": {"kept": facts["modules_kept"], "dropped": facts["modules_dropped"]},
                 "packages": facts["packages"],
                 "rootfs_cache_key": key,
+                "agent": json.loads((bundle.parent / "manifest.json").read_text()) if bundle else None,
             }
             write_json(partial["sbom"], sbom(name, cfg.image_version, facts["packages"], epoch))
             write_json(partial["manifest"], manifest)

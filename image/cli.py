@@ -37,6 +37,10 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--image-version", default="0.1.0", help="version recorded in the image and manifest")
     p.add_argument("--templates-overlay", type=Path, metavar="DIR",
                    help="directory laid out like image/templates/ whose files replace or add to the built-in ones")
+    p.add_argument("--data-tree", type=Path, metavar="DIR",
+                   help="factory-default content of the data partition, e.g. DIR/models/*.tflite")
+    p.add_argument("--no-agent", action="store_true",
+                   help="leave out the frozen appliance-agent (runtime, power, store): an OS-only image")
     p.add_argument("--boards-dir", type=Path, default=None, help=argparse.SUPPRESS)
     p.add_argument("--list-boards", action="store_true", help="list boards and variants, one per line")
     return p
@@ -54,7 +58,8 @@ def main(argv: list[str] | None = None) -> int:
             raise BuildError("--board is required (see --list-boards)")
         cfg = make_config(args.board, variant=args.variant, profile=args.profile, out_dir=args.out,
                           bootloader_dir=args.bootloader, mirror=args.mirror, boards_dir=boards_dir,
-                          image_version=args.image_version, templates_overlay=args.templates_overlay)
+                          image_version=args.image_version, templates_overlay=args.templates_overlay,
+                          with_agent=not args.no_agent, data_tree=args.data_tree)
         if cfg.board.bootloader and not cfg.bootloader_dir:
             console.print(f"note: no --bootloader given: this image carries no {cfg.board.name} boot blobs and "
                           "is for boards that boot from U-Boot in SPI flash")

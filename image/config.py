@@ -30,6 +30,10 @@ class BuildConfig:
     # Boards of the same arch and suite share one rootfs (see rootfs.plan_rootfs).
     peers: tuple[Board, ...] = ()
     templates_overlay: Path | None = None
+    # Ship the frozen appliance-agent (runtime, power, secure) under /opt/appliance.
+    with_agent: bool = True
+    # Factory-default content of the data partition (models, configuration).
+    data_tree: Path | None = None
 
     @property
     def image_name(self) -> str:
@@ -55,12 +59,16 @@ def make_config(
     boards_dir: Path | None = None,
     image_version: str = "0.1.0",
     templates_overlay: Path | None = None,
+    with_agent: bool = True,
+    data_tree: Path | None = None,
 ) -> BuildConfig:
     board = load_board(board_name, boards_dir)
     peers = tuple(
         b for b in (load_board(n, boards_dir) for n in board_names(boards_dir))
         if b.arch == board.arch and b.suite == board.suite
     )
+    if data_tree is not None and not data_tree.is_dir():
+        raise BuildError(f"--data-tree {data_tree}: not a directory")
     if templates_overlay is not None and not templates_overlay.is_dir():
         raise BuildError(f"--templates-overlay {templates_overlay}: not a directory")
     vname, v = resolve_variant(board, variant)
@@ -94,4 +102,6 @@ def make_config(
         image_version=image_version,
         peers=peers,
         templates_overlay=templates_overlay,
+        with_agent=with_agent,
+        data_tree=data_tree,
     )

@@ -22,6 +22,9 @@ from .templates_render import render_tree
 
 UNITS_ENABLED = ("appliance-ready.service", "appliance-ssh-hostkeys.service", "systemd-networkd.service",
                  "systemd-repart.service")
+AGENT_UNITS = ("appliance-runtime.service", "appliance-power.service")
+AGENT_DIR = "opt/appliance/appliance-agent"
+RUNTIME_PORT = 8500
 UNITS_MASKED_ALWAYS = ("systemd-networkd-wait-online.service",)
 # Production images have no login prompt anywhere.
 UNITS_MASKED_PRODUCTION = ("serial-getty@.service", "getty@.service", "console-getty.service")
@@ -108,7 +111,7 @@ def _systemctl(root: Path, verb: str, *units: str) -> None:
         raise BuildError(f"systemctl {verb} {' '.join(units)} in the image failed: {r.stderr.strip()[:300]}")
 
 
-def template_context(cfg: BuildConfig, build_info: dict) -> dict:
+def template_context(cfg: BuildConfig, build_info: dict, agent: bool = False) -> dict:
     dev, _, baud = cfg.board.console.partition(",")
     board_dict = cfg.board.model_dump(mode="json")
     return {
@@ -125,6 +128,9 @@ def template_context(cfg: BuildConfig, build_info: dict) -> dict:
         "extra_cmdline": "" if cfg.profile == "debug" else "quiet loglevel=3",
         "board_json": json.dumps(board_dict, indent=2, sort_keys=True),
         "build_info_json": json.dumps(build_info, indent=2, sort_keys=True),
+        "agent": agent,
+        "agent_path": f"/{AGENT_DIR}/appliance-agent",
+        "runtime_port": RUNTIME_PORT,
     }
 
 
@@ -183,16 +189,20 @@ def hardlink_tree(src: Path, dst: Path) -> None:
         raise BuildError(f"copying {src} failed: {r.stderr.strip()[:300]}")
 
 
-def customise(cfg: BuildConfig, base: Path, root: Path, boot: Path, build_info: dict) -> dict:
+def customise(cfg: BuildConfig, base: Path, root: Path, boot: Path, build_info: dict,
+              agent_bundle: Path | None = None) -> dict:
     """Fill `root` (the future erofs) and `boot` (the boot partition) from the cached base
-    tree plus templates and profile. Returns facts for the manifest."""
+    tree plus templates, profile and the frozen agent. Returns facts for the manifest."""
     hardlink_tree(base / "root", root)
     hardlink_tree(base / "boot", boot)
     facts = json.loads((base / "facts.json").read_text())
-    ctx = template_context(cfg, build_info)
+    if agent_bundle is not None:
+        (root / AGENT_DIR).parent.mkdir(parents=True, exist_ok=True)
+        hardlink_tree(agent_bundle, root / AGENT_DIR)
+    ctx = template_context(cfg, build_info, agent=agent_bundle is not None)
     rendered = render_tree("rootfs", root, ctx, cfg.templates_overlay)
     rendered_boot = render_tree(f"boot-{cfg.board.boot}", boot, ctx, cfg.templates_overlay)
-    _systemctl(root, "enable", *UNITS_ENABLED)
+    _systemctl(root, "enable", *UNITS_ENABLED, *(AGENT_UNITS if agent_bundle is not None else ()))
     masked = list(UNITS_MASKED_ALWAYS)
     if cfg.profile == "production":
         masked += UNITS_MASKED_PRODUCTION

@@ -141,3 +141,14 @@ def test_templates_overlay_replaces_and_adds(tmp_path):
 
 def test_arm64_boards_share_one_rootfs():
     assert plan_rootfs(cfg()).key() == plan_rootfs(cfg("rk3588", variant="rock-5b")).key()
+
+
+def test_agent_units_only_with_agent(tmp_path):
+    c = cfg()
+    without = render_tree("rootfs", tmp_path / "a", template_context(c, {}, agent=False))
+    with_ = render_tree("rootfs", tmp_path / "b", template_context(c, {}, agent=True))
+    unit = "etc/systemd/system/appliance-runtime.service"
+    assert unit not in without and unit in with_
+    text = (tmp_path / "b" / unit).read_text()
+    assert "ExecStart=/opt/appliance/appliance-agent/appliance-agent runtime serve" in text
+    assert "Type=notify" in text and "WatchdogSec=" in text
