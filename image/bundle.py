@@ -20,7 +20,6 @@ bookworm (3.11) can freeze tflite-runtime (numpy<2), which is ~9x smaller on dis
 from __future__ import annotations
 
 import json
-import os
 import shlex
 import shutil
 import subprocess

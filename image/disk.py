@@ -78,7 +78,7 @@ def plan_disk(cfg: BuildConfig) -> DiskLayout:
 
 def sfdisk_script(layout: DiskLayout) -> str:
     lines = ["label: gpt", f"label-id: {layout.disk_guid}", "unit: sectors", "sector-size: 512",
-             f"first-lba: 34", f"last-lba: {layout.total_sectors - 34}", ""]
+             "first-lba: 34", f"last-lba: {layout.total_sectors - 34}", ""]
     for p in layout.partitions:
         entry = f"start={p.start}, size={p.size}, type={p.type_guid}, uuid={p.uuid}, name=\"{p.label}\""
         if p.attrs:

@@ -146,20 +146,26 @@ def build_rootfs(plan: RootfsPlan, log_path: Path | None = None) -> tuple[Path, 
         with log:
             r = subprocess.run(plan.mmdebstrap_argv(out), stdout=log, stderr=subprocess.STDOUT, env=env)
         if r.returncode != 0:
-            tail = _last_error_line(Path(log.name))
-            raise BuildError(f"mmdebstrap failed for {plan.suite}/{plan.arch}: {tail} (full log: {log.name})")
+            why = explain_failure(Path(log.name).read_text(errors="replace"), plan.mirror)
+            raise BuildError(f"mmdebstrap failed for {plan.suite}/{plan.arch}: {why} (full log: {log.name})")
         (d / "packages.txt").write_text("\n".join(plan.packages) + "\n")
 
     entry, _ = cache.cached("rootfs", key, produce)
     return entry / "rootfs.tar", False
 
 
-def _last_error_line(log: Path) -> str:
-    try:
-        lines = [l.strip() for l in log.read_text(errors="replace").splitlines() if l.strip()]
-    except OSError:
-        return "no log"
-    for l in reversed(lines):
-        if l.startswith("E:") or "error" in l.lower():
-            return l[:300]
+def explain_failure(log_text: str, mirror: str) -> str:
+    """The one line of an mmdebstrap log a user can act on."""
+    lines = [l.strip() for l in log_text.splitlines() if l.strip()]
+    for l in lines:
+        if "Could not connect" in l or "Could not resolve" in l or "Temporary failure resolving" in l \
+                or ("Failed to fetch" in l and "InRelease" in l):
+            return f"mirror {mirror} unreachable ({l.removeprefix('E: ')[:200]}); check --mirror and the network"
+        if "Unable to locate package" in l or "has no installation candidate" in l:
+            return f"{l.removeprefix('E: ')[:200]} (check the board's kernel_package and the suite)"
+        if "No space left on device" in l:
+            return "disk full while running mmdebstrap (free space in the cache dir and /tmp)"
+    errors = [l for l in lines if l.startswith("E:") and "mmdebstrap failed to run" not in l]
+    if errors:
+        return errors[0].removeprefix("E: ")[:300]
     return lines[-1][:300] if lines else "no output"

@@ -19,11 +19,9 @@ from __future__ import annotations
 
 import base64
 import hashlib
-import io
 import json
 import math
 import shlex
-import socket
 import subprocess
 import sys
 import tempfile

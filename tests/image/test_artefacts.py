@@ -3,7 +3,7 @@ import hashlib
 import os
 
 from appliance.image.artefacts import hash_image
-from appliance.image.disk import BlobPlacement, DiskLayout, Partition, copy_sparse, write_disk
+from appliance.image.disk import BlobPlacement, DiskLayout, Partition, write_disk
 from appliance.image.inspect import partitions
 
 L = "0FC63DAF-8483-4772-8E79-3D69D8477DE4"

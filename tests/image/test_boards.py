@@ -102,3 +102,16 @@ def test_list_boards(capsys):
     assert any(l.startswith("rk3588 --variant rock-5b") for l in out)
     assert any(l.startswith("rk3588 --variant orangepi-5") for l in out)
     assert any(l.startswith("qemu-arm64 ") for l in out)
+
+
+def test_unreachable_mirror_is_one_line_and_leaves_no_artefact(tmp_path, capsys, monkeypatch):
+    # Port 9 on loopback refuses connections: a mirror that is down, without leaving this machine.
+    monkeypatch.setenv("APPLIANCE_CACHE_DIR", str(tmp_path / "cache"))
+    out = tmp_path / "out"
+    rc = build_image_main(["--board", "qemu-arm64", "--mirror", "http://127.0.0.1:9/debian",
+                           "--out", str(out), "--no-agent"])
+    err = capsys.readouterr().err.strip()
+    assert rc == 2 and err.count("\n") == 0
+    assert "mirror http://127.0.0.1:9/debian unreachable" in err and "check --mirror" in err
+    assert not list(out.glob("*.img*")) and not list(out.glob("*manifest*"))
+    assert not list((tmp_path / "cache" / "rootfs").glob("*/.complete"))

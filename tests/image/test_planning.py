@@ -152,3 +152,15 @@ def test_agent_units_only_with_agent(tmp_path):
     text = (tmp_path / "b" / unit).read_text()
     assert "ExecStart=/opt/appliance/appliance-agent/appliance-agent runtime serve" in text
     assert "Type=notify" in text and "WatchdogSec=" in text
+
+
+@pytest.mark.parametrize("log,needle", [
+    ("E: Unable to locate package linux-image-riscv\nE: mmdebstrap failed to run", "Unable to locate package linux-image-riscv"),
+    ("tar: write error: No space left on device\nE: mmdebstrap failed to run", "disk full"),
+    ("E: dpkg was interrupted\nE: mmdebstrap failed to run", "dpkg was interrupted"),
+])
+def test_mmdebstrap_failures_explained(log, needle):
+    from appliance.image.rootfs import explain_failure
+
+    msg = explain_failure(log, "http://deb.debian.org/debian")
+    assert needle in msg and "\n" not in msg

@@ -3,11 +3,8 @@ read-back verify) to a card file, and `provision console` drives the real U-Boot
 card in QEMU: interrupt autoboot, run commands with their exit status, continue to boot the
 image to its APPLIANCE-READY marker.
 
-The image is built with the same config as tests/image's session fixture, so the stage cache
-(appliance.image.cache) makes it a warm build when the image tests ran first."""
+The image is the session fixture from tests/conftest.py, built once for all e2e tests."""
 
-import subprocess
-from pathlib import Path
 
 import pytest
 
@@ -15,23 +12,11 @@ from appliance.provision.cli import main
 from appliance.provision.console import BootStrategy
 from appliance.provision.qemu import QemuBoard
 
-REPO = Path(__file__).resolve().parents[2]
-TINY = dict(in_features=16, out_features=4, batch=1, seed=7)
 
-
-@pytest.fixture(scope="module")
-def image(tmp_path_factory):
-    from appliance.image.build import build
-    from appliance.image.config import make_config
-    from appliance.runtime.tinymodels import fully_connected_f32
-
-    out = tmp_path_factory.mktemp("qemu-arm64-debug")
-    data = out / "data-tree"
-    (data / "models").mkdir(parents=True)
-    (data / "models" / "tiny.tflite").write_bytes(fully_connected_f32(**TINY))
-    cfg = make_config("qemu-arm64", profile="debug", out_dir=out / "out", boards_dir=REPO / "boards",
-                      data_tree=data)
-    return build(cfg)
+@pytest.fixture
+def image(qemu_arm64_debug):
+    """The session's qemu-arm64 debug image (tests/conftest.py), shared with the image tests."""
+    return qemu_arm64_debug[1]
 
 
 @pytest.mark.e2e

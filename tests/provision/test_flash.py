@@ -4,7 +4,6 @@
 
 import os
 import subprocess
-from types import SimpleNamespace
 from pathlib import Path
 
 import pytest

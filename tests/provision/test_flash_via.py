@@ -10,11 +10,9 @@ implements the tool's ld/db/wl/rl/rd commands over a file, so the driving and th
 read-back verification are exercised. The missing-tool error is tested for real."""
 
 import os
-import stat
 import subprocess
 import threading
 import time
-from pathlib import Path
 
 import pytest
 

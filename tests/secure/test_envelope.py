@@ -1,7 +1,6 @@
 """Envelope format: chunked AES-256-GCM, per-device RSA-OAEP wrap, key rotation, signatures."""
 import hashlib
 import os
-import struct
 
 import pytest
 
