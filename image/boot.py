@@ -107,8 +107,19 @@ class Machine:
     seen: str = field(default="", repr=False)
 
     def _read(self, timeout: float) -> str:
+        import serial
+
         self.serial.timeout = timeout
-        data = self.serial.read(4096)
+        try:
+            data = self.serial.read(4096)
+        except serial.SerialException:
+            # The console socket closes when QEMU exits (a guest panic with -no-reboot, say).
+            try:
+                self.proc.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                pass
+            raise BuildError(f"QEMU exited (code {self.proc.returncode}) and closed the console; "
+                             f"log: {self.log_path}") from None
         text = data.decode("utf-8", errors="replace") if data else ""
         if text:
             self._log.write(text)

@@ -16,7 +16,8 @@ from rich.console import Console
 from . import cache
 from .artefacts import bmap_mapped_bytes, finish_bmap, hash_image, sbom, start_bmap, write_json
 from .config import BuildConfig
-from .customise import base_key, customise, prepare_base
+from .customise import base_key, customise, finish_boot, prepare_base
+from .verity import format_root
 from .disk import plan_disk, write_disk
 from .errors import BuildError
 from .filesystems import make_erofs, make_ext4, make_vfat, stable_uuid
@@ -109,12 +110,14 @@ def build(cfg: BuildConfig, console: Console | None = None) -> BuildResult:
         layout = plan_disk(cfg)
         with st.stage("filesystems"):
             boot_img, root_img, data_img = work / "boot.fs", work / "root.fs", work / "data.fs"
+            root_size = make_erofs(root, root_img, stable_uuid(name, "fs", "root"), epoch)
+            shutil.rmtree(root)  # frees ~1 GB before the disk is written
+            verity = format_root(root_img, name)
+            facts["rendered"] += [f"boot:{p}" for p in finish_boot(cfg, boot, facts.pop("context"), verity)]
             if cfg.board.boot == "uefi":
                 make_vfat(boot, boot_img, cfg.board.disk.boot_mib, "boot", stable_uuid(name, "fs", "boot")[:8], epoch)
             else:
                 make_ext4(boot, boot_img, cfg.board.disk.boot_mib, "boot", stable_uuid(name, "fs", "boot"), epoch)
-            root_size = make_erofs(root, root_img, stable_uuid(name, "fs", "root"), epoch)
-            shutil.rmtree(root)  # frees ~1 GB before the disk is written
             make_ext4(cfg.data_tree, data_img, cfg.board.disk.data_mib, "data", stable_uuid(name, "fs", "data"), epoch)
         with st.stage("disk"):
             write_disk(layout, partial["img"], {"boot": boot_img, "root-a": root_img, "data": data_img},
@@ -134,7 +137,7 @@ def build(cfg: BuildConfig, console: Console | None = None) -> BuildResult:
                     {"label": p.label, "start_sector": p.start, "sectors": p.size, "type": p.type_guid,
                      "uuid": p.uuid, "sha256": part_sha[p.label]} for p in layout.partitions
                 ],
-                "root": {"fstype": "erofs", "bytes": root_size},
+                "root": {"fstype": "erofs", "bytes": root_size, "verity": verity},
                 "bootloader": [{"file": b.file, "sector": b.sector} for b in layout.blobs],
                 "kernel": facts["kernel"],
                 "modules": {"kept": facts["modules_kept"], "dropped": facts["modules_dropped"]},

@@ -19,6 +19,7 @@ from . import cache
 from .config import BuildConfig
 from .errors import BuildError
 from .templates_render import render_tree
+from .verity import append_overlay, initramfs_overlay
 
 UNITS_ENABLED = ("appliance-ready.service", "appliance-ssh-hostkeys.service", "systemd-networkd.service",
                  "systemd-repart.service")
@@ -139,7 +140,8 @@ def base_key(cfg: BuildConfig, rootfs_key: str) -> str:
     return cache.inputs_hash({
         "stage": "base", "rootfs": rootfs_key, "keep": cfg.board.modules.keep, "dtb": cfg.dtb,
         "boot": cfg.board.boot, "arch": cfg.board.arch, "epoch": cfg.source_date_epoch,
-        "code": cache.file_digest(Path(__file__)),
+        "code": [cache.file_digest(Path(__file__)), cache.file_digest(Path(__file__).with_name("verity.py")),
+                 cache.tree_digest(Path(__file__).with_name("templates") / "initramfs")],
     })
 
 
@@ -168,6 +170,7 @@ def prepare_base(cfg: BuildConfig, tarball: Path, dest: Path) -> None:
         if (root / link).is_symlink():
             (root / link).unlink()
     kept, dropped = trim_modules(root, kernel.version, cfg.board.modules.keep)
+    append_overlay(slot / "initrd.img", initramfs_overlay(root, cfg.board.arch, cfg.source_date_epoch))
     # Keys made by openssh-server's postinst would be shared by every device: drop them.
     for key in (root / "etc/ssh").glob("ssh_host_*"):
         key.unlink()
@@ -201,15 +204,20 @@ def customise(cfg: BuildConfig, base: Path, root: Path, boot: Path, build_info: 
         hardlink_tree(agent_bundle, root / AGENT_DIR)
     ctx = template_context(cfg, build_info, agent=agent_bundle is not None)
     rendered = render_tree("rootfs", root, ctx, cfg.templates_overlay)
-    rendered_boot = render_tree(f"boot-{cfg.board.boot}", boot, ctx, cfg.templates_overlay)
     _systemctl(root, "enable", *UNITS_ENABLED, *(AGENT_UNITS if agent_bundle is not None else ()))
     masked = list(UNITS_MASKED_ALWAYS)
     if cfg.profile == "production":
         masked += UNITS_MASKED_PRODUCTION
     _systemctl(root, "mask", *masked)
     clamp_mtimes(root, cfg.source_date_epoch)
+    return {**facts, "rendered": sorted(rendered), "context": ctx}
+
+
+def finish_boot(cfg: BuildConfig, boot: Path, ctx: dict, verity: dict) -> list[str]:
+    """Boot loader configuration, rendered once the root (and so its root hash) exists."""
+    rendered = render_tree(f"boot-{cfg.board.boot}", boot, {**ctx, "verity": verity}, cfg.templates_overlay)
     clamp_mtimes(boot, cfg.source_date_epoch)
-    return {**facts, "rendered": sorted(rendered + [f"boot:{p}" for p in rendered_boot])}
+    return rendered
 
 
 EFI_NAMES = {"amd64": ("systemd-bootx64.efi", "BOOTX64.EFI"), "arm64": ("systemd-bootaa64.efi", "BOOTAA64.EFI")}

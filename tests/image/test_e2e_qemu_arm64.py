@@ -50,8 +50,13 @@ def test_boots_with_readonly_erofs_root_and_writable_data(qemu_arm64_debug, tmp_
         ready_s = time.monotonic() - t0
         vm.send("\n")                                        # the prompt may have come before the marker
         vm.expect(r"root@qemu-arm64:[^\n]*# ", 120)           # debug profile: root shell on the console
-        rc, out = vm.run("findmnt -no FSTYPE,OPTIONS /")
-        assert rc == 0 and out.split()[0] == "erofs" and "ro" in out.split()[1].split(","), out
+        rc, out = vm.run("findmnt -no SOURCE,FSTYPE,OPTIONS /")
+        src, fstype, opts = out.split()
+        assert rc == 0 and fstype == "erofs" and "ro" in opts.split(","), out
+        assert src == "/dev/mapper/vroot", f"root is not the verity device: {out}"
+        rc, out = vm.run("veritysetup status vroot")
+        assert rc == 0 and "status:      verified" in out, out
+        assert res.manifest_data["root"]["verity"]["roothash"] in vm.run("cat /proc/cmdline")[1]
         rc, out = vm.run("findmnt -no FSTYPE,OPTIONS,SOURCE /data")
         fstype, opts, _src = out.split()
         assert rc == 0 and fstype == "ext4" and "rw" in opts.split(","), out
