@@ -22,6 +22,7 @@ from .disk import plan_disk, write_disk
 from .errors import BuildError
 from .filesystems import make_erofs, make_ext4, make_vfat, stable_uuid
 from .rootfs import build_rootfs, plan_rootfs, require_tools
+from .signing import fingerprint, load_or_create_key, public_pem, sign
 from .templates_render import TEMPLATES
 
 
@@ -72,11 +73,16 @@ def build(cfg: BuildConfig, console: Console | None = None) -> BuildResult:
     require_tools("mkfs.ext4", "mkfs.erofs", "sfdisk", "bmaptool", "tar", "depmod", "systemctl",
                   *(("mkfs.vfat", "mcopy") if cfg.board.boot == "uefi" else ()))
     st = Stages(console)
+    # A bad key must fail before the long stages, not after them.
+    signing, key_path, created = load_or_create_key(cfg.signing_key)
+    if created:
+        console.print(f"created build signing key {key_path} (keep it: images are signed with it)", soft_wrap=True)
     out_dir = cfg.out_dir
     out_dir.mkdir(parents=True, exist_ok=True)
     name = cfg.image_name
     final = {k: out_dir / f"{name}{ext}" for k, ext in
-             (("img", ".img"), ("bmap", ".img.bmap"), ("manifest", ".manifest.json"), ("sbom", ".sbom.spdx.json"))}
+             (("img", ".img"), ("bmap", ".img.bmap"), ("manifest", ".manifest.json"), ("sbom", ".sbom.spdx.json"),
+              ("sig", ".manifest.json.sig"), ("pub", ".build-key.pub.pem"))}
     # The issue promises out/NAME/manifest.json too: it is the same file under the short name.
     partial = {k: p.with_name(f".{p.name}.partial") for k, p in final.items()}
     work = Path(tempfile.mkdtemp(prefix=".work-", dir=out_dir))
@@ -143,16 +149,19 @@ def build(cfg: BuildConfig, console: Console | None = None) -> BuildResult:
                 "modules": {"kept": facts["modules_kept"], "dropped": facts["modules_dropped"]},
                 "packages": facts["packages"],
                 "rootfs_cache_key": key,
+                "signing_key": {"algorithm": "ed25519", "fingerprint": fingerprint(signing)},
                 "agent": json.loads((bundle.parent / "manifest.json").read_text()) if bundle else None,
             }
             write_json(partial["sbom"], sbom(name, cfg.image_version, facts["packages"], epoch))
             write_json(partial["manifest"], manifest)
+            partial["sig"].write_bytes(sign(signing, partial["manifest"].read_bytes()))
+            partial["pub"].write_bytes(public_pem(signing))
         # Publish: a stale manifest must never describe a new image, so it goes first and comes back last.
         short = out_dir / "manifest.json"
-        for p in (short, final["manifest"]):
+        for p in (short, final["manifest"], final["sig"]):
             if p.exists():
                 p.unlink()
-        for k in ("img", "bmap", "sbom", "manifest"):
+        for k in ("img", "bmap", "sbom", "pub", "sig", "manifest"):
             os.rename(partial[k], final[k])
         os.link(final["manifest"], short)
         ok = True

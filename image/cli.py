@@ -39,6 +39,8 @@ def parser() -> argparse.ArgumentParser:
                    help="directory laid out like image/templates/ whose files replace or add to the built-in ones")
     p.add_argument("--data-tree", type=Path, metavar="DIR",
                    help="factory-default content of the data partition, e.g. DIR/models/*.tflite")
+    p.add_argument("--signing-key", type=Path, metavar="PEM",
+                   help="Ed25519 key that signs the manifest (default: made on first use in ~/.config/appliance)")
     p.add_argument("--no-agent", action="store_true",
                    help="leave out the frozen appliance-agent (runtime, power, store): an OS-only image")
     p.add_argument("--boards-dir", type=Path, default=None, help=argparse.SUPPRESS)
@@ -59,7 +61,8 @@ def main(argv: list[str] | None = None) -> int:
         cfg = make_config(args.board, variant=args.variant, profile=args.profile, out_dir=args.out,
                           bootloader_dir=args.bootloader, mirror=args.mirror, boards_dir=boards_dir,
                           image_version=args.image_version, templates_overlay=args.templates_overlay,
-                          with_agent=not args.no_agent, data_tree=args.data_tree)
+                          with_agent=not args.no_agent, data_tree=args.data_tree,
+                          signing_key=args.signing_key)
         if cfg.board.bootloader and not cfg.bootloader_dir:
             console.print(f"note: no --bootloader given: this image carries no {cfg.board.name} boot blobs and "
                           "is for boards that boot from U-Boot in SPI flash")
@@ -68,7 +71,7 @@ def main(argv: list[str] | None = None) -> int:
         res = build(cfg, console)
         m = res.manifest_data["image"]
         print(f"{res.image} ({m['bytes'] / 2**20:.0f} MiB, {m['mapped_bytes'] / 2**20:.0f} MiB mapped)")
-        print(f"{res.bmap}\n{res.manifest}\n{res.sbom}")
+        print(f"{res.bmap}\n{res.manifest} (+ .sig)\n{res.sbom}")
         return 0
     except BuildError as e:
         print(f"{PROG}: error: {e}", file=sys.stderr)

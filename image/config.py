@@ -34,6 +34,8 @@ class BuildConfig:
     with_agent: bool = True
     # Factory-default content of the data partition (models, configuration).
     data_tree: Path | None = None
+    # Ed25519 build key; None: the one in the user's config dir, created on first use.
+    signing_key: Path | None = None
 
     @property
     def image_name(self) -> str:
@@ -61,6 +63,7 @@ def make_config(
     templates_overlay: Path | None = None,
     with_agent: bool = True,
     data_tree: Path | None = None,
+    signing_key: Path | None = None,
 ) -> BuildConfig:
     board = load_board(board_name, boards_dir)
     peers = tuple(
@@ -104,4 +107,5 @@ def make_config(
         templates_overlay=templates_overlay,
         with_agent=with_agent,
         data_tree=data_tree,
+        signing_key=signing_key,
     )

@@ -11,6 +11,15 @@ REPO = pathlib.Path(__file__).resolve().parent.parent
 TINY = dict(in_features=16, out_features=4, batch=1, seed=7)
 
 
+@pytest.fixture(scope="session", autouse=True)
+def _own_config_dir(tmp_path_factory):
+    """Builds made by tests create their signing key in a temp config dir, not in ~/.config."""
+    mp = pytest.MonkeyPatch()
+    mp.setenv("XDG_CONFIG_HOME", str(tmp_path_factory.mktemp("config")))
+    yield
+    mp.undo()
+
+
 @pytest.fixture(scope="session")
 def qemu_arm64_debug(tmp_path_factory):
     """qemu-arm64, debug profile, with the agent and a tiny model as factory data: (cfg, BuildResult)."""

@@ -30,6 +30,12 @@ def test_artefacts(qemu_arm64_debug, tmp_path):
                        capture_output=True, text=True)
     assert r.returncode == 0, r.stderr
     assert target.stat().st_size == res.image.stat().st_size
+    from appliance.image.signing import verify
+
+    sig = res.manifest.with_name(res.manifest.name + ".sig").read_bytes()
+    pub = res.image.with_name("qemu-arm64.build-key.pub.pem").read_bytes()
+    assert verify(pub, res.manifest.read_bytes(), sig)
+    assert not verify(pub, res.manifest.read_bytes().replace(b'"debug"', b'"production"'), sig)
     sbom = json.loads(res.sbom.read_text())
     assert sbom["spdxVersion"] == "SPDX-2.3" and len(sbom["packages"]) == len(m["packages"])
     # no half-written leftovers
