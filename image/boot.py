@@ -14,7 +14,7 @@ import subprocess
 import tempfile
 import time
 import uuid
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 from .boards import Board, load_board
@@ -104,7 +104,6 @@ class Machine:
     _log: object = None
     _tmp: Path | None = None
     tee: object = None
-    seen: str = field(default="", repr=False)
 
     def _read(self, timeout: float) -> str:
         import serial
