@@ -44,7 +44,16 @@ def test_runtime_serves_baked_model_and_power_observes(qemu_arm64_debug, tiny_mo
         vm.expect(r"root@qemu-arm64:[^\n]*# ", 120)
         rc, out = vm.run("systemctl is-active appliance-runtime appliance-power")
         assert out.split() == ["active", "active"], out
+        # The power unit is Type=simple and starts after the runtime is ready: under TCG the frozen
+        # agent can take tens of seconds to import, so wait for its first log line before judging it.
+        deadline = time.monotonic() + 180
+        while True:
+            rc, out = vm.run("journalctl -b -u appliance-power --no-pager -q | grep -c observe-only")
+            if int(out.strip() or 0) >= 1:
+                break
+            if time.monotonic() > deadline:
+                _, log = vm.run("journalctl -b -u appliance-power --no-pager -q")
+                pytest.fail(f"power manager never logged observe-only mode: {log}")
+            time.sleep(5)
         rc, out = vm.run("journalctl -b -u appliance-power -p warning --no-pager -q")
         assert out.strip() == "", f"power manager logged warnings/errors: {out}"
-        rc, out = vm.run("journalctl -b -u appliance-power --no-pager -q | grep -c observe-only")
-        assert int(out.strip() or 0) >= 1
