@@ -64,7 +64,7 @@ def inputs_digest(cfg: BuildConfig, rootfs_key: str) -> str:
         "overlay": cache.tree_digest(cfg.templates_overlay) if cfg.templates_overlay else None,
         "data_tree": cache.tree_digest(cfg.data_tree) if cfg.data_tree else None,
         "board": cfg.board.model_dump(mode="json"), "variant": cfg.variant_name, "profile": cfg.profile,
-        "version": cfg.image_version, "blobs": blobs, "sde": cfg.source_date_epoch,
+        "version": cfg.image_version, "blobs": blobs, "sde": cfg.source_date_epoch, "ssh_ca": cfg.ssh_ca,
     })
 
 
@@ -111,7 +111,7 @@ def build(cfg: BuildConfig, console: Console | None = None) -> BuildResult:
             with st.stage("agent bundle", "(cached)" if warm else "(PyInstaller in a target chroot, minutes)"):
                 bundle = build_agent_bundle(cfg.board.arch, cfg.board.suite, mirror=cfg.mirror)
         with st.stage("customise"):
-            facts = customise(cfg, base, root, boot, build_info, bundle)
+            facts = customise(cfg, base, root, boot, build_info, bundle, public_pem(signing))
         epoch = cfg.source_date_epoch
         layout = plan_disk(cfg)
         with st.stage("filesystems"):

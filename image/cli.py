@@ -41,6 +41,8 @@ def parser() -> argparse.ArgumentParser:
                    help="factory-default content of the data partition, e.g. DIR/models/*.tflite")
     p.add_argument("--signing-key", type=Path, metavar="PEM",
                    help="Ed25519 key that signs the manifest (default: made on first use in ~/.config/appliance)")
+    p.add_argument("--ssh-ca", type=Path, metavar="PUB",
+                   help="factory SSH user CA public key: sshd accepts certificates it signed (no other login)")
     p.add_argument("--no-agent", action="store_true",
                    help="leave out the frozen appliance-agent (runtime, power, store): an OS-only image")
     p.add_argument("--boards-dir", type=Path, default=None, help=argparse.SUPPRESS)
@@ -62,7 +64,7 @@ def main(argv: list[str] | None = None) -> int:
                           bootloader_dir=args.bootloader, mirror=args.mirror, boards_dir=boards_dir,
                           image_version=args.image_version, templates_overlay=args.templates_overlay,
                           with_agent=not args.no_agent, data_tree=args.data_tree,
-                          signing_key=args.signing_key)
+                          signing_key=args.signing_key, ssh_ca=args.ssh_ca)
         if cfg.board.bootloader and not cfg.bootloader_dir:
             console.print(f"note: no --bootloader given: this image carries no {cfg.board.name} boot blobs and "
                           "is for boards that boot from U-Boot in SPI flash")

@@ -1,6 +1,8 @@
 """The build configuration: board + variant + profile merged and validated once."""
 from __future__ import annotations
 
+import base64
+import binascii
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
@@ -36,6 +38,8 @@ class BuildConfig:
     data_tree: Path | None = None
     # Ed25519 build key; None: the one in the user's config dir, created on first use.
     signing_key: Path | None = None
+    # The factory's SSH user CA (OpenSSH public key line): sshd trusts certificates it signed.
+    ssh_ca: str | None = None
 
     @property
     def image_name(self) -> str:
@@ -64,6 +68,7 @@ def make_config(
     with_agent: bool = True,
     data_tree: Path | None = None,
     signing_key: Path | None = None,
+    ssh_ca: Path | None = None,
 ) -> BuildConfig:
     board = load_board(board_name, boards_dir)
     peers = tuple(
@@ -74,6 +79,7 @@ def make_config(
         raise BuildError(f"--data-tree {data_tree}: not a directory")
     if templates_overlay is not None and not templates_overlay.is_dir():
         raise BuildError(f"--templates-overlay {templates_overlay}: not a directory")
+    ssh_ca_line = read_ssh_ca(ssh_ca) if ssh_ca is not None else None
     vname, v = resolve_variant(board, variant)
     if profile not in PROFILES:
         raise BuildError(f"unknown profile {profile!r} (one of: {', '.join(PROFILES)})")
@@ -108,4 +114,27 @@ def make_config(
         with_agent=with_agent,
         data_tree=data_tree,
         signing_key=signing_key,
+        ssh_ca=ssh_ca_line,
     )
+
+
+SSH_KEY_TYPES = ("ssh-ed25519", "ssh-rsa", "ecdsa-sha2-nistp256", "ecdsa-sha2-nistp384", "ecdsa-sha2-nistp521",
+                 "sk-ssh-ed25519@openssh.com", "sk-ecdsa-sha2-nistp256@openssh.com")
+
+
+def read_ssh_ca(path: Path) -> str:
+    """The CA's public key line; the private half must never end up in an image."""
+    try:
+        text = path.read_text()
+    except (OSError, UnicodeDecodeError) as e:
+        raise BuildError(f"--ssh-ca {path}: cannot read ({getattr(e, 'strerror', None) or e})") from None
+    if "PRIVATE KEY" in text:
+        raise BuildError(f"--ssh-ca {path}: this is a private key; give the CA's public key (the .pub file)")
+    lines = [ln.strip() for ln in text.splitlines() if ln.strip() and not ln.lstrip().startswith("#")]
+    if len(lines) != 1 or len(lines[0].split()) < 2 or lines[0].split()[0] not in SSH_KEY_TYPES:
+        raise BuildError(f"--ssh-ca {path}: not one OpenSSH public key line (ssh-ed25519 AAAA... comment)")
+    try:
+        base64.b64decode(lines[0].split()[1], validate=True)
+    except binascii.Error:
+        raise BuildError(f"--ssh-ca {path}: the key's base64 part is corrupt") from None
+    return lines[0]

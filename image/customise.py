@@ -18,6 +18,7 @@ from pathlib import Path
 from . import cache
 from .config import BuildConfig
 from .errors import BuildError
+from .harden import harden
 from .templates_render import render_tree
 from .verity import append_overlay, initramfs_overlay
 
@@ -27,8 +28,7 @@ AGENT_UNITS = ("appliance-runtime.service", "appliance-power.service")
 AGENT_DIR = "opt/appliance/appliance-agent"
 RUNTIME_PORT = 8500
 UNITS_MASKED_ALWAYS = ("systemd-networkd-wait-online.service",)
-# Production images have no login prompt anywhere.
-UNITS_MASKED_PRODUCTION = ("serial-getty@.service", "getty@.service", "console-getty.service")
+BUILD_PUBKEY = "etc/appliance/build-key.pub.pem"
 
 
 @dataclass(frozen=True)
@@ -132,6 +132,7 @@ def template_context(cfg: BuildConfig, build_info: dict, agent: bool = False) ->
         "agent": agent,
         "agent_path": f"/{AGENT_DIR}/appliance-agent",
         "runtime_port": RUNTIME_PORT,
+        "ssh_ca": cfg.ssh_ca,
     }
 
 
@@ -193,7 +194,7 @@ def hardlink_tree(src: Path, dst: Path) -> None:
 
 
 def customise(cfg: BuildConfig, base: Path, root: Path, boot: Path, build_info: dict,
-              agent_bundle: Path | None = None) -> dict:
+              agent_bundle: Path | None = None, build_pub_pem: bytes | None = None) -> dict:
     """Fill `root` (the future erofs) and `boot` (the boot partition) from the cached base
     tree plus templates, profile and the frozen agent. Returns facts for the manifest."""
     hardlink_tree(base / "root", root)
@@ -204,11 +205,12 @@ def customise(cfg: BuildConfig, base: Path, root: Path, boot: Path, build_info: 
         hardlink_tree(agent_bundle, root / AGENT_DIR)
     ctx = template_context(cfg, build_info, agent=agent_bundle is not None)
     rendered = render_tree("rootfs", root, ctx, cfg.templates_overlay)
+    if build_pub_pem is not None:
+        # Update bundles are checked against this key on the device (issue 3).
+        (root / BUILD_PUBKEY).write_bytes(build_pub_pem)
     _systemctl(root, "enable", *UNITS_ENABLED, *(AGENT_UNITS if agent_bundle is not None else ()))
-    masked = list(UNITS_MASKED_ALWAYS)
-    if cfg.profile == "production":
-        masked += UNITS_MASKED_PRODUCTION
-    _systemctl(root, "mask", *masked)
+    _systemctl(root, "mask", *UNITS_MASKED_ALWAYS)
+    rendered += harden(cfg, root)
     clamp_mtimes(root, cfg.source_date_epoch)
     return {**facts, "rendered": sorted(rendered), "context": ctx}
 
