@@ -8,6 +8,9 @@ The interface (duck-typed, shared with ``appliance.secure.source.SecureModelSour
 
 Bytes are handed over in memory so a decrypting source never writes plaintext to disk.
 ``version`` is what hot reload compares: a source must change it when the content changes.
+A source may also offer ``version(name) -> str``, a cheap look at the version it would load
+(the secure store reads it from the package without decrypting); hot reload then calls
+``load`` only when that differs from the version being served.
 """
 from __future__ import annotations
 
@@ -83,7 +86,17 @@ class MultiSource:
         return list(seen)
 
     def load(self, name: str) -> ModelBlob:
+        return self._owner(name).load(name)
+
+    def version(self, name: str) -> str:
+        owner = self._owner(name)
+        peek = getattr(owner, "version", None)
+        if peek is None:
+            raise ModelLoadError(f"{owner!r} has no cheap version check")
+        return peek(name)
+
+    def _owner(self, name: str) -> ModelSource:
         for s in self.sources:
             if name in s.names():
-                return s.load(name)
+                return s
         raise ModelLoadError(f"model {name!r} is in no source")

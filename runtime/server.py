@@ -47,12 +47,20 @@ def make_source(cfg: RuntimeConfig) -> ModelSource:
     sources: list[ModelSource] = []
     if cfg.store_dir is not None:
         # Imported only when configured: the secure store needs a PKCS#11 token.
-        try:
-            from appliance.secure.source import SecureModelSource
-            env = dict(os.environ, APPLIANCE_STORE_DIR=str(cfg.store_dir))
-            sources.append(SecureModelSource.from_env(env))
-        except Exception as e:
-            raise ConfigError(f"store_dir {cfg.store_dir}: secure store unavailable: {one_line(e)}") from None
+        from appliance.secure.agent import DEFAULTS
+        vendor_key = os.environ.get("APPLIANCE_VENDOR_KEY") or DEFAULTS["APPLIANCE_VENDOR_KEY"]
+        if not os.path.exists(vendor_key):
+            # An image built without a vendor key can never accept a package: serve the plain
+            # directory rather than nothing (the same unit file serves both kinds of image).
+            log.warning("secure store %s disabled: no vendor public key %s in this image",
+                        cfg.store_dir, vendor_key)
+        else:
+            try:
+                from appliance.secure.source import SecureModelSource
+                env = dict(os.environ, APPLIANCE_STORE_DIR=str(cfg.store_dir))
+                sources.append(SecureModelSource.from_env(env))
+            except Exception as e:
+                raise ConfigError(f"store_dir {cfg.store_dir}: secure store unavailable: {one_line(e)}") from None
     sources.append(DirectorySource(cfg.model_dir))
     return sources[0] if len(sources) == 1 else MultiSource(sources)
 
@@ -87,6 +95,16 @@ class ModelRegistry:
     async def _load(self, name: str) -> None:
         loop = asyncio.get_running_loop()
         current = self.runners.get(name)
+        peek = getattr(self.source, "version", None)
+        if current is not None and peek is not None:
+            # Cheap check first: the secure store would otherwise unwrap on the token and
+            # decrypt the whole model every reload interval just to find nothing changed.
+            try:
+                if await loop.run_in_executor(None, peek, name) == current.version:
+                    self.failures.pop(name, None)
+                    return
+            except Exception:
+                pass  # no cheap answer: load() below decides, with its full checks
         try:
             blob = await loop.run_in_executor(None, self.source.load, name)
             if current is not None and current.version == blob.version:

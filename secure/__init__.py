@@ -9,9 +9,9 @@ appliance.provision, tflite or matplotlib):
     from appliance.secure.source import SecureModelSource
 
     backend = Pkcs11Backend(TokenConfig(module="/usr/lib/softhsm/libsofthsm2.so",
-                                        token_label="appliance", pin_file="/etc/appliance/token.pin"))
+                                        token_label="appliance", pin_file="/data/secure/token.pin"))
     pem = backend.ensure_device_key()           # RSA-2048 generated on the token; public PEM out
-    store = DeviceStore("/var/lib/appliance/models", backend,
+    store = DeviceStore("/data/secure/store", backend,
                         load_vendor_public_key("/etc/appliance/vendor-ed25519.pub"), board="qemu-arm64")
     store.install(package_bytes)                # signature, board, anti-rollback, decrypt check
     store.list()                                # [InstalledInfo(name, version, highest_accepted, ...)]
@@ -21,6 +21,14 @@ appliance.provision, tflite or matplotlib):
     source = SecureModelSource.from_env()       # same env variables as `appliance-agent store`
 
     CLI: `appliance-agent store keygen|install|list|check` -> appliance.secure.agent:main(argv)
+
+    In the image (templates under image/templates/rootfs): SoftHSM2's config is
+    /etc/appliance/softhsm2.conf (token dir /data/secure/tokens), the store /data/secure/store,
+    the per-device PIN /data/secure/token.pin (0600 root), all made on first boot by
+    appliance-store-init.service (`store keygen --init-softhsm --create-pin`). The runtime runs
+    as a dynamic user in group softhsm with `--store-dir /data/secure/store` and the PIN as a
+    systemd credential; `SecureModelSource.version(name)` lets its hot reload skip unchanged
+    models without touching the token.
 
 Host side:
 

@@ -4,12 +4,19 @@ multi-call `appliance-agent`; `main` accepts argv with or without the leading "s
 Token and store selection, flag > environment > default:
   --pkcs11-module  APPLIANCE_PKCS11_MODULE  board.json secure.pkcs11_module, else SoftHSM2
   --token-label    APPLIANCE_TOKEN_LABEL    "appliance"
-  --pin-file       APPLIANCE_PIN_FILE       /etc/appliance/token.pin
-  --store-dir      APPLIANCE_STORE_DIR      /var/lib/appliance/models
+  --pin-file       APPLIANCE_PIN_FILE       /data/secure/token.pin
+  --store-dir      APPLIANCE_STORE_DIR      /data/secure/store
   --vendor-key     APPLIANCE_VENDOR_KEY     /etc/appliance/vendor-ed25519.pub
   --board          APPLIANCE_BOARD          name from --board-file
   --board-file     APPLIANCE_BOARD_FILE     /etc/appliance/board.json
-  --token-config   SOFTHSM2_CONF            (SoftHSM2 only: its config file)
+  --token-config   SOFTHSM2_CONF            /etc/appliance/softhsm2.conf if it exists (SoftHSM2 only)
+
+The defaults are the image's layout: the root is read-only, so the token, the PIN and the
+store live on the data partition. On first boot `appliance-store-init.service` runs
+`keygen --init-softhsm --create-pin`: a random per-device PIN (0600), the token, the device key.
+Run as root, keygen and install then make the SoftHSM token files readable by the token
+directory's group (SoftHSM 2.6 creates them 0600 and has no umask setting), so the runtime
+can use the token as an unprivileged member of that group (`softhsm`).
 
 Exit status: 0 ok, 2 usage, and per refusal: 3 bad signature, 4 rollback, 5 wrong board,
 6 integrity (GCM/sha256), 7 token or module missing, 8 PIN rejected / token locked,
@@ -26,11 +33,12 @@ import sys
 from . import errors as E
 
 SOFTHSM_MODULE = "/usr/lib/softhsm/libsofthsm2.so"
+DEFAULT_TOKEN_CONFIG = "/etc/appliance/softhsm2.conf"
 DEFAULTS = {
     "APPLIANCE_PKCS11_MODULE": SOFTHSM_MODULE,
     "APPLIANCE_TOKEN_LABEL": "appliance",
-    "APPLIANCE_PIN_FILE": "/etc/appliance/token.pin",
-    "APPLIANCE_STORE_DIR": "/var/lib/appliance/models",
+    "APPLIANCE_PIN_FILE": "/data/secure/token.pin",
+    "APPLIANCE_STORE_DIR": "/data/secure/store",
     "APPLIANCE_VENDOR_KEY": "/etc/appliance/vendor-ed25519.pub",
     "APPLIANCE_BOARD_FILE": "/etc/appliance/board.json",
 }
@@ -79,6 +87,9 @@ def build_parser() -> argparse.ArgumentParser:
     k.add_argument("--init-softhsm", action="store_true",
                    help="SoftHSM2 only: initialise the token first if no token has this label")
     k.add_argument("--so-pin-file", help="SO PIN for --init-softhsm (default: random, discarded)")
+    k.add_argument("--create-pin", action="store_true",
+                   help="create a random PIN in the PIN file (mode 0600) if the file does not exist")
+    k.add_argument("--quiet", action="store_true", help="do not print the public key")
     i = sub.add_parser("install", help="install an encrypted, signed model package")
     i.add_argument("package")
     ls = sub.add_parser("list", help="list installed models")
@@ -117,23 +128,93 @@ def _init_softhsm(label: str, pin_file: str, so_pin_file: str | None) -> None:
         raise E.TokenError(f"softhsm2-util --init-token failed: {(r.stderr or r.stdout).strip()}")
 
 
+def create_pin(pin_file: str) -> bool:
+    """A random per-device user PIN, written once (0600, atomic). False if it already exists."""
+    import secrets
+    from .fsutil import atomic_write
+
+    if os.path.exists(pin_file):
+        return False
+    try:
+        os.makedirs(os.path.dirname(pin_file) or ".", exist_ok=True)
+        atomic_write(pin_file, (secrets.token_hex(16) + "\n").encode(), mode=0o600)
+    except OSError as e:
+        raise E.StoreError(f"cannot create PIN file {pin_file}: {e.strerror}") from None
+    return True
+
+
+def use_default_token_config(env) -> None:
+    """SoftHSM2 reads SOFTHSM2_CONF; without it, the image's config (if present) is the one."""
+    if not env.get("SOFTHSM2_CONF") and os.path.isfile(DEFAULT_TOKEN_CONFIG):
+        os.environ["SOFTHSM2_CONF"] = DEFAULT_TOKEN_CONFIG
+
+
+def softhsm_tokendir(conf_path: str | None) -> str | None:
+    """`directories.tokendir` from a SoftHSM2 config file, or None."""
+    if not conf_path:
+        return None
+    try:
+        with open(conf_path) as f:
+            for line in f:
+                key, sep, value = line.partition("=")
+                if sep and key.strip() == "directories.tokendir":
+                    return value.strip() or None
+    except OSError:
+        return None
+    return None
+
+
+def _share_token(module: str) -> None:
+    # Only SoftHSM keeps its token in files we can (and must) share with the runtime's group.
+    if os.geteuid() != 0 or os.path.basename(module) != os.path.basename(SOFTHSM_MODULE):
+        return
+    from .fsutil import share_with_group
+
+    tokendir = softhsm_tokendir(os.environ.get("SOFTHSM2_CONF"))
+    if tokendir:
+        try:
+            share_with_group(tokendir)
+        except OSError as e:
+            raise E.StoreError(f"cannot share token dir {tokendir} with its group: {e.strerror}") from None
+
+
 def run(args, env) -> int:
     from .backend import Pkcs11Backend, TokenConfig
 
     if args.token_config:
         os.environ["SOFTHSM2_CONF"] = args.token_config
+    else:
+        use_default_token_config(env)
     s = _settings(args, env)
     cfg = TokenConfig(module=s["module"], token_label=s["token_label"], pin_file=s["pin_file"])
     if args.cmd == "keygen":
+        if args.create_pin:
+            create_pin(cfg.pin_file)
         if args.init_softhsm:
             _init_softhsm(cfg.token_label, cfg.pin_file, args.so_pin_file)
         with Pkcs11Backend(cfg) as b:
-            sys.stdout.write(b.ensure_device_key().decode())
+            pem = b.ensure_device_key()
+        _share_token(cfg.module)
+        if not args.quiet:
+            sys.stdout.write(pem.decode())
         return 0
 
-    from .store import DeviceStore, board_name_from_file, load_vendor_public_key
+    from .store import board_name_from_file
 
     board = s["board"] or board_name_from_file(s["board_file"])
+    try:
+        return _store_command(args, cfg, s, board)
+    finally:
+        if args.cmd == "install":
+            # Install may create the MAC secrets on the token (even when it then refuses the
+            # package): the runtime must still be able to read every token object.
+            _share_token(cfg.module)
+
+
+def _store_command(args, cfg, s, board) -> int:
+    from .backend import Pkcs11Backend
+    from .store import DeviceStore, load_vendor_public_key
+
     with Pkcs11Backend(cfg) as b:
         store = DeviceStore(s["store_dir"], b, load_vendor_public_key(s["vendor_key"]), board)
         if args.cmd == "install":

@@ -88,4 +88,4 @@ class TokenMacFileCounter(MonotonicCounter):
             return
         counters[name] = version
         body = canonical_json({"format": 1, "counters": counters})
-        atomic_write(self.path, body + b"\n" + self.backend.mac(DOMAIN + body).hex().encode())
+        atomic_write(self.path, body + b"\n" + self.backend.mac(DOMAIN + body).hex().encode(), mode=0o640)

@@ -6,6 +6,7 @@ from __future__ import annotations
 import os
 
 from .backend import Pkcs11Backend, TokenConfig
+from .errors import StoreError
 from .store import DEFAULT_BOARD_FILE, DEFAULT_STORE_DIR, DEFAULT_VENDOR_KEY, DeviceStore, \
     LoadedModel, board_name_from_file, load_vendor_public_key
 
@@ -13,6 +14,7 @@ from .store import DEFAULT_BOARD_FILE, DEFAULT_STORE_DIR, DEFAULT_VENDOR_KEY, De
 class SecureModelSource:
     def __init__(self, store: DeviceStore):
         self.store = store
+        self._versions: dict[str, tuple[tuple, str]] = {}
 
     @classmethod
     def from_config(cls, *, module: str, token_label: str, pin_file: str | None = None,
@@ -26,7 +28,8 @@ class SecureModelSource:
     @classmethod
     def from_env(cls, environ=os.environ) -> "SecureModelSource":
         """Same variables as `appliance-agent store` (see appliance.secure.agent)."""
-        from .agent import DEFAULTS, _module_default
+        from .agent import DEFAULTS, _module_default, use_default_token_config
+        use_default_token_config(environ)
         g = lambda k: environ.get(k) or DEFAULTS[k]  # noqa: E731
         # module: env, else the board file's [secure] pkcs11_module, else SoftHSM2 (as the agent)
         module = _module_default(environ, g("APPLIANCE_BOARD_FILE"))
@@ -40,6 +43,23 @@ class SecureModelSource:
 
     def load(self, name: str) -> LoadedModel:
         return self.store.load(name)
+
+    def version(self, name: str) -> str:
+        """The installed version as the package's manifest states it, without the token or a
+        decrypt: the runtime's hot reload asks every few seconds and only calls `load` (which
+        verifies everything) when this differs from what it serves. Cached per file identity."""
+        path = self.store._path(name)
+        try:
+            st = os.stat(path)
+        except OSError as e:
+            raise StoreError(f"cannot stat {path}: {e.strerror}") from None
+        ident = (st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns)
+        hit = self._versions.get(name)
+        if hit is not None and hit[0] == ident:
+            return hit[1]
+        v = self.store.peek_manifest(name).version
+        self._versions[name] = (ident, v)
+        return v
 
     def load_memfd(self, name: str):
         """(fd, manifest): the plaintext in a sealed memfd; TFLite can load /proc/self/fd/FD."""

@@ -5,6 +5,9 @@ Layout of the store directory (on the data partition)::
     models/NAME.pkg      the package as received (still encrypted) + a 40-byte install seal
     counter              anti-rollback counter, MACed by the token
 
+Both are written 0640 so that a reader in the directory's group (the runtime, on the image)
+can load what root installed; neither holds a secret (ciphertext, MACed counter).
+
 Install: parse -> vendor signature -> board -> anti-rollback -> unwrap on the token ->
 decrypt in memory + sha256 check -> atomic write of package + seal -> advance the counter.
 The seal is an HMAC by the token over the manifest, header and key block: it proves this store
@@ -29,7 +32,7 @@ from .errors import (BoardMismatchError, FormatError, IntegrityError, RollbackEr
                      StoreError)
 from .fsutil import atomic_write, remove_stale_temps
 
-DEFAULT_STORE_DIR = "/var/lib/appliance/models"
+DEFAULT_STORE_DIR = "/data/secure/store"
 DEFAULT_VENDOR_KEY = "/etc/appliance/vendor-ed25519.pub"
 DEFAULT_BOARD_FILE = "/etc/appliance/board.json"
 
@@ -149,7 +152,9 @@ class DeviceStore:
         remove_stale_temps(self.models)
         try:
             seal = self.backend.mac(_seal_input(pkg), "seal")
-            atomic_write(self._path(pkg.manifest.name), b"".join([bytes(data), seal, SEAL_MAGIC]))
+            # 0640: still encrypted; the runtime reads it as a member of the store dir's group
+            # (setgid directory on the image), not as the installing user.
+            atomic_write(self._path(pkg.manifest.name), b"".join([bytes(data), seal, SEAL_MAGIC]), mode=0o640)
         except OSError as e:
             raise StoreError(f"cannot write to store {self.models}: {e.strerror}") from None
         # After the package is durable: a crash in between leaves a package newer than the
@@ -180,6 +185,14 @@ class DeviceStore:
             raise StoreError(f"model {name!r} is not installed in {self.models}") from None
         except OSError as e:
             raise StoreError(f"cannot read {path}: {e.strerror}") from None
+
+    def peek_manifest(self, name: str) -> Manifest:
+        """The manifest of an installed package, parsed but NOT verified (no seal, signature,
+        board or counter check): a hint for change detection only, never for trust."""
+        data = memoryview(self._read(name))
+        if len(data) < 40 or bytes(data[-8:]) != SEAL_MAGIC:
+            raise FormatError(f"{self._path(name)}: no install seal (not written by this store)")
+        return parse_package(data[:-40], str(self._path(name))).manifest
 
     def load(self, name: str, rehash: bool = False) -> LoadedModel:
         """Decrypt an installed model in memory. `rehash` re-checks the manifest sha256 too."""
