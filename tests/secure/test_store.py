@@ -179,3 +179,67 @@ def test_source_from_env_takes_module_from_board_file(tmp_path, softhsm, device_
     src = SecureModelSource.from_env(env)
     assert src.store.backend.public_key_pem() == device_a[1]
     assert src.names() == []
+
+
+class _CountingBackend:
+    """The real token backend; counts RSA-OAEP operations (what the sealed data key saves)."""
+
+    def __init__(self, backend):
+        self.b, self.oaep = backend, 0
+
+    def decrypt_oaep(self, *a):
+        self.oaep += 1
+        return self.b.decrypt_oaep(*a)
+
+    def __getattr__(self, name):
+        return getattr(self.b, name)
+
+
+def test_load_uses_the_sealed_data_key_not_rsa_and_a_first_format_trailer_still_loads(
+        store, device_a, vendor_key):
+    from appliance.secure.store import SEAL_MAGIC, SEAL_MAGIC2, _seal_input
+
+    _, pem = device_a
+    data = os.urandom(30000)
+    store.install(pkg_for(pem, vendor_key, data))
+    path = store.models / "det.pkg"
+    raw = path.read_bytes()
+    assert raw.endswith(SEAL_MAGIC2)
+    counting = _CountingBackend(store.backend)
+    store.backend = counting
+    store.counter.backend = counting
+    assert store.load("det").content == data
+    fd, _ = store.load_memfd("det")
+    os.close(fd)
+    assert counting.oaep == 0  # two HMACs on the token instead of the RSA private-key operation
+
+    # A package installed by the first store format (seal only) still loads, through RSA-OAEP.
+    body = raw[:-80]
+    seal = counting.mac(_seal_input(env.parse_package(body)), "seal")
+    path.write_bytes(body + seal + SEAL_MAGIC)
+    assert store.load("det").content == data
+    assert counting.oaep == 1
+
+    # The wrapped key is not covered by the seal but by AES key wrap's own integrity check.
+    bad = bytearray(raw)
+    bad[-60] ^= 1
+    path.write_bytes(bytes(bad))
+    with pytest.raises(E.IntegrityError, match="sealed data key does not unwrap"):
+        store.load("det")
+    with pytest.raises(E.IntegrityError, match="sealed data key does not unwrap"):
+        store.load_memfd("det")
+
+
+def test_backend_caches_found_keys_but_not_missing_ones(token_config, device_a):
+    label = f"mac-{uuid.uuid4().hex}"
+    a = Pkcs11Backend(token_config("dev-a", mac_label=label))
+    b = Pkcs11Backend(token_config("dev-a", mac_label=label))
+    try:
+        assert a.has_mac_key() is False
+        tag = b.mac(b"x")  # created by another session after `a` looked
+        assert a.has_mac_key() is True and a.mac(b"x") == tag
+        a.close()  # handles die with the session
+        assert a.mac(b"x") == tag
+    finally:
+        a.close()
+        b.close()

@@ -198,3 +198,39 @@ def test_float16_weights_behind_dequantize():
         outs.append(it.get_tensor(it.get_output_details()[0]["index"]).copy())
     rel = np.linalg.norm(outs[1] - outs[0]) / np.linalg.norm(outs[0])
     assert 0 < rel < 1e-2, rel
+
+
+def test_cost_weighting_moves_cheap_tensors_more_and_keeps_the_mark():
+    """Fidelity weighting only redistributes the moves: the same id decodes, the tensor with the
+    higher output cost moves less, by the clipped (median cost / cost)^2 ratio."""
+    rng = np.random.default_rng(1)
+    arrays = [rng.standard_normal(60000) * sc for sc in (0.05, 0.5, 0.2)]
+    kinds, tids = [np.dtype("<f4")] * 3, [1, 2, 3]
+    equal = W.embed_arrays(arrays, kinds, tids, KEY, DEV)
+    weighted = W.embed_arrays(arrays, kinds, tids, KEY, DEV, costs=[1.0, 2.0, 0.5])
+    for out in (equal, weighted):
+        r = W.verify_arrays(out, tids, KEY)
+        assert r.detected and r.device_id == DEV and r.code_bit_errors == 0
+
+    def rel_move(out, i):
+        s, _ = W._stats(arrays[i])
+        return np.abs(out[i] - arrays[i]).mean() / s
+
+    # equal weighting: the same move per weight in units of each tensor's scale
+    assert rel_move(equal, 0) == pytest.approx(rel_move(equal, 1), rel=0.15)
+    # costs 1 (median), 2, 0.5 -> gains 1, 1/4, 4
+    assert rel_move(weighted, 1) / rel_move(weighted, 0) == pytest.approx(0.25, rel=0.15)
+    assert rel_move(weighted, 2) / rel_move(weighted, 0) == pytest.approx(4.0, rel=0.15)
+    # clipping: a near-zero cost does not take the whole mark
+    clipped = W.embed_arrays(arrays, kinds, tids, KEY, DEV, costs=[1.0, 1.0, 1e-9])
+    assert rel_move(clipped, 2) / rel_move(clipped, 0) == pytest.approx(W.GAIN_RANGE, rel=0.15)
+
+
+def test_tensor_costs_measure_with_the_interpreter_and_embed_reports_it():
+    model = tm.fully_connected_f32(256, 256, seed=9)
+    costs = W.tensor_costs(model)
+    assert costs is not None and len(costs) == 1 and costs[0] > 0
+    # one tensor: nothing to redistribute, so embed does not measure
+    assert W.embed(model, KEY, DEV).fidelity_weighted is False
+    # a model the interpreter cannot build: no measurement (embed then weighs tensors equally)
+    assert W.tensor_costs(b"\0\0\0\0TFL3 not a model") is None
