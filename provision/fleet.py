@@ -300,6 +300,10 @@ class DeviceRun:
         if (on_device or "").strip() != cert:
             if self.put_text(cert, cert_path).strip() != cert:
                 raise Retryable(f"{cert_path} did not read back as written")
+        if host and self.f.host_cert_reload:
+            # every time the step runs, not only after a write: a retry after a dropped link
+            # finds the certificate in place but sshd maybe not yet presenting it
+            self.run(self.f.host_cert_reload)
         return {cert_col: cert, f"{kind}_cert_fp": sshca.fingerprint(cert)}, sshca.fingerprint(cert)
 
     @staticmethod

@@ -18,6 +18,8 @@
     hostname_file = "/etc/hostname"           # device paths; on a read-only root point
     identity_dir = "/etc/appliance"           # them at the writable mount
     host_key = "/etc/ssh/ssh_host_ed25519_key.pub"
+    host_cert_reload = ""       # device command run after a new host certificate is written,
+                                # so sshd presents it (the image: "systemctl reload ssh.service")
     client_key = "/etc/appliance/ssh/id_ed25519"
     upload_dir = "/var/tmp"
 
@@ -84,6 +86,7 @@ class FleetSettings(_Strict):
     hostname_file: str = "/etc/hostname"
     identity_dir: str = "/etc/appliance"  # device-id, serial
     host_key: str = "/etc/ssh/ssh_host_ed25519_key.pub"  # its -cert.pub goes next to it
+    host_cert_reload: str = ""  # e.g. "systemctl reload ssh.service": sshd reads certificates at start
     client_key: str = "/etc/appliance/ssh/id_ed25519"  # made on the device; -cert.pub next to it
     upload_dir: str = "/var/tmp"  # scratch space for model packages
 

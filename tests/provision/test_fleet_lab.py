@@ -239,3 +239,21 @@ def test_fifty_devices_kill_restart_resume(make_lab, keys, tmp_path):
         if d.serial in s1.failed:
             assert rec["runs"] == 2
     inv.close()
+
+
+def test_host_cert_reload_runs_when_the_host_certificate_step_does(make_lab, tmp_path, capsys):
+    """`host_cert_reload` (the image: `systemctl reload ssh.service`, sshd reads certificates at
+    start) runs on each device after its host certificate is delivered, and not again once the
+    step is done. Here it leaves a marker next to the device's board file."""
+    lab = make_lab(2)
+    marker = '"$(dirname "$APPLIANCE_BOARD_FILE")/sshd-reloaded"'
+    fleet_file = lab.fleet_toml(tmp_path / "fleet.toml", workers=2, selftest=[],
+                                host_cert_reload=f"date +%s%N >> {marker}")
+    assert main(["fleet", "apply", str(fleet_file), "--no-progress"]) == 0
+    for d in lab.devices:
+        assert len((d.root / "etc/appliance/sshd-reloaded").read_text().splitlines()) == 1
+        assert (d.root / "etc/ssh/ssh_host_ed25519_key-cert.pub").is_file()
+    assert main(["fleet", "apply", str(fleet_file), "--no-progress"]) == 0
+    for d in lab.devices:
+        assert len((d.root / "etc/appliance/sshd-reloaded").read_text().splitlines()) == 1
+    capsys.readouterr()
