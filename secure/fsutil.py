@@ -47,11 +47,12 @@ def remove_stale_temps(directory: str | os.PathLike) -> None:
 def share_with_group(root: str | os.PathLike) -> int:
     """Give `root`'s group read access to everything under it (files g+r, directories g+rx,
     group set to root's group); never write access, never anything for others. Does nothing
-    unless `root` itself grants its group read access: that mode is the opt-in. Returns the
-    number of entries changed."""
+    unless `root` is a setgid directory its group may read (the image's token dir is 2750
+    root:softhsm): that mode is the opt-in, so a plain 0755 directory is left alone. Returns
+    the number of entries changed."""
     root = Path(root)
     st = os.stat(root)
-    if not st.st_mode & 0o040:
+    if not (st.st_mode & stat.S_ISGID and st.st_mode & 0o040):
         return 0
     gid, changed = st.st_gid, 0
     for dirpath, dirnames, filenames in os.walk(root):

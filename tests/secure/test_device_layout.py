@@ -113,8 +113,9 @@ def test_share_with_group_grants_read_only_and_needs_the_opt_in(tmp_path):
     f.write_bytes(b"x")
     os.chmod(f, 0o600)
     os.chmod(d / "sub", 0o700)
-    os.chmod(d, 0o700)  # no group read on the top: not opted in, nothing changes
-    assert share_with_group(d) == 0 and stat.S_IMODE(f.stat().st_mode) == 0o600
+    for mode in (0o700, 0o755, 0o2700):  # not opted in (no setgid, or no group read): nothing changes
+        os.chmod(d, mode)
+        assert share_with_group(d) == 0 and stat.S_IMODE(f.stat().st_mode) == 0o600
     os.chmod(d, 0o2750)
     assert share_with_group(d) > 0
     assert stat.S_IMODE(f.stat().st_mode) == 0o640
