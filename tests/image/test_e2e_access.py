@@ -118,7 +118,10 @@ def prod(qemu_arm64_production, client, tmp_path_factory):
     d = tmp_path_factory.mktemp("prod-a")
     img = copy_image(res.image, d / "copy-a.img")
     t0 = time.monotonic()
-    with start(img, board=cfg.board, forwards=[22, RUNTIME_PORT, PROBE_PORT], log_path=d / "console.log") as vm:
+    # snapshot off: the copy keeps what the guest writes, for the reboot test at the end
+    with start(img, board=cfg.board, forwards=[22, RUNTIME_PORT, PROBE_PORT], snapshot=False,
+               log_path=d / "console.log") as vm:
+        vm.image = img
         vm.expect(READY_MARKER, 900)
         vm.ready_s = time.monotonic() - t0
         vm.port = vm.forwards[22]
@@ -287,19 +290,37 @@ def test_two_copies_of_one_image_differ(prod, qemu_arm64_production, client, tmp
     assert len(a_keys.splitlines()) == 3 and not set(a_keys.splitlines()) & set(b_keys.splitlines())
 
 
+@pytest.mark.xfail(strict=True, reason="the first machine-id is kept in /data/etc/machine-id, but PID 1 reuses it "
+                   "only once the initramfs hands it over as /run/machine-id (lead's verity.py overlay; see the "
+                   "issue 3 notes): drop this mark when that is in")
+def test_machine_id_survives_a_reboot(prod, qemu_arm64_production, client, tmp_path):
+    """Last test on copy A: it powers the copy off and boots it again."""
+    cfg, _ = qemu_arm64_production
+    before = prod.ssh("sync; cat /data/etc/machine-id").stdout.strip()
+    assert re.fullmatch(r"[0-9a-f]{32}", before)
+    prod.stop()
+    with start(prod.image, board=cfg.board, forwards=[22], snapshot=False, log_path=tmp_path / "console.log") as vm:
+        vm.expect(READY_MARKER, 900)
+        wait_ssh(vm.forwards[22], client)
+        after = ssh(vm.forwards[22], client, "cat /etc/machine-id").stdout.strip()
+    assert after == before
+
+
 # -- debug image: console shell kept, hardware watchdog driven ---------------------------------
 
 @pytest.fixture
 def with_i6300esb(monkeypatch):
     """QEMU's virt machine has no watchdog unless one is plugged in: add the PCI i6300esb
     (Linux driver i6300esb, kept by the board's drivers/watchdog/*) to the boot command."""
+    import dataclasses
+
     import appliance.image.boot as boot
 
     real = boot.plan_boot
 
     def plan(*a, **kw):
         p = real(*a, **kw)
-        return boot.BootPlan(p.argv + ("-device", "i6300esb"), p.console_port, p.forwards)
+        return dataclasses.replace(p, argv=tuple(p.argv) + ("-device", "i6300esb"))
     monkeypatch.setattr(boot, "plan_boot", plan)
 
 
