@@ -118,3 +118,11 @@ def write_json(path: Path, obj: dict) -> None:
         f.flush()
         os.fsync(f.fileno())
     os.rename(tmp, path)
+
+
+def file_sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while buf := f.read(4 << 20):
+            h.update(buf)
+    return h.hexdigest()

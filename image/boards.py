@@ -92,7 +92,7 @@ class Board(_Strict):
     arch: Arch
     suite: str
     kernel_package: str
-    boot: Literal["extlinux", "uefi"]
+    boot: Literal["u-boot", "uefi"]
     console: str
     default_variant: str | None = None
     variants: dict[str, Variant] = {}

@@ -59,8 +59,11 @@ def board_for_image(image: Path, board_name: str | None, boards_dir: Path | None
 
 
 def plan_boot(board: Board, image: Path, *, console: str, forwards: list[tuple[int, int]] = (),
-              snapshot: bool = True, vars_file: Path | None = None, memory_mib: int | None = None) -> BootPlan:
-    """console: 'stdio' (interactive) or 'tcp' (a waiting server socket on a free loopback port)."""
+              snapshot: bool = True, vars_file: Path | None = None, memory_mib: int | None = None,
+              drives: tuple[Path, ...] = (), reboot: bool = False) -> BootPlan:
+    """console: 'stdio' (interactive) or 'tcp' (a waiting server socket on a free loopback port).
+    drives: extra read-only disks (/dev/vdb, ...: a USB stick with an update, say). reboot: a guest
+    reboot restarts the machine (A/B boot counting needs it) instead of ending QEMU."""
     q = board.qemu
     assert q is not None
     if shutil.which(q.system) is None:
@@ -68,7 +71,9 @@ def plan_boot(board: Board, image: Path, *, console: str, forwards: list[tuple[i
     if not Path(q.firmware).is_file():
         raise BuildError(f"firmware {q.firmware} is missing (board {board.name}); run scripts/install-system-deps.sh")
     argv = [q.system, "-machine", q.machine, "-cpu", q.cpu, "-smp", str(q.smp),
-            "-m", str(memory_mib or q.memory_mib), "-nodefaults", "-display", "none", "-no-reboot"]
+            "-m", str(memory_mib or q.memory_mib), "-nodefaults", "-display", "none"]
+    if not reboot:
+        argv.append("-no-reboot")
     if board.boot == "uefi":
         argv += ["-drive", f"if=pflash,format=raw,readonly=on,file={q.firmware}"]
         if vars_file is not None:
@@ -79,6 +84,9 @@ def plan_boot(board: Board, image: Path, *, console: str, forwards: list[tuple[i
     if snapshot:
         drive += ",snapshot=on"
     argv += ["-drive", drive, "-device", "virtio-blk-pci,drive=hd0"]
+    for i, extra in enumerate(drives, 1):
+        argv += ["-drive", f"if=none,id=hd{i},format=raw,readonly=on,file={extra}",
+                 "-device", f"virtio-blk-pci,drive=hd{i}"]
     hostfwd = "".join(f",hostfwd=tcp:127.0.0.1:{h}-:{g}" for h, g in forwards)
     argv += ["-netdev", f"user,id=n0{hostfwd}", "-device", "virtio-net-pci,netdev=n0"]
     argv += ["-device", "virtio-rng-pci"]
@@ -179,7 +187,8 @@ class Machine:
 
 
 def start(image: Path, *, board: Board | None = None, forwards: list = (), snapshot: bool = True,
-          log_path: Path | None = None, tee=None, memory_mib: int | None = None) -> Machine:
+          log_path: Path | None = None, tee=None, memory_mib: int | None = None, drives: tuple = (),
+          reboot: bool = False) -> Machine:
     """Start QEMU on `image`. `forwards` items are guest TCP ports (exposed on free loopback
     ports, see Machine.forwards) or (host_port, guest_port) pairs."""
     import serial  # pyserial
@@ -194,7 +203,7 @@ def start(image: Path, *, board: Board | None = None, forwards: list = (), snaps
         shutil.copy(board.qemu.firmware_vars, vars_file)
     fwd = [f if isinstance(f, tuple) else (free_port(), f) for f in forwards]
     plan = plan_boot(board, image, console="tcp", forwards=fwd, snapshot=snapshot, vars_file=vars_file,
-                     memory_mib=memory_mib)
+                     memory_mib=memory_mib, drives=tuple(Path(d) for d in drives), reboot=reboot)
     log_path = log_path or tmp / "console.log"
     qlog = open(tmp / "qemu.stderr", "w")
     proc = subprocess.Popen(plan.argv, stdin=subprocess.DEVNULL, stdout=qlog, stderr=subprocess.STDOUT)

@@ -24,6 +24,7 @@ from .filesystems import make_erofs, make_ext4, make_vfat, stable_uuid
 from .rootfs import build_rootfs, plan_rootfs, require_tools
 from .signing import fingerprint, load_or_create_key, public_pem, sign
 from .templates_render import TEMPLATES
+from .update_bundle import write_bundle
 
 
 @dataclass
@@ -35,6 +36,7 @@ class BuildResult:
     rootfs_cache_hit: bool
     timings: dict[str, float] = field(default_factory=dict)
     manifest_data: dict = field(default_factory=dict)
+    update: Path | None = None
 
 
 class Stages:
@@ -65,13 +67,14 @@ def inputs_digest(cfg: BuildConfig, rootfs_key: str) -> str:
         "data_tree": cache.tree_digest(cfg.data_tree) if cfg.data_tree else None,
         "board": cfg.board.model_dump(mode="json"), "variant": cfg.variant_name, "profile": cfg.profile,
         "version": cfg.image_version, "blobs": blobs, "sde": cfg.source_date_epoch, "ssh_ca": cfg.ssh_ca,
+        "vendor_key": cfg.vendor_key,
     })
 
 
 def build(cfg: BuildConfig, console: Console | None = None) -> BuildResult:
     console = console or Console(stderr=True)
-    require_tools("mkfs.ext4", "mkfs.erofs", "sfdisk", "bmaptool", "tar", "depmod", "systemctl",
-                  *(("mkfs.vfat", "mcopy") if cfg.board.boot == "uefi" else ()))
+    require_tools("mkfs.ext4", "mkfs.erofs", "sfdisk", "bmaptool", "tar", "depmod", "systemctl", "mkfs.vfat",
+                  "mcopy", *(("mkimage",) if cfg.board.boot == "u-boot" else ()))
     st = Stages(console)
     # A bad key must fail before the long stages, not after them.
     signing, key_path, created = load_or_create_key(cfg.signing_key)
@@ -83,6 +86,8 @@ def build(cfg: BuildConfig, console: Console | None = None) -> BuildResult:
     final = {k: out_dir / f"{name}{ext}" for k, ext in
              (("img", ".img"), ("bmap", ".img.bmap"), ("manifest", ".manifest.json"), ("sbom", ".sbom.spdx.json"),
               ("sig", ".manifest.json.sig"), ("pub", ".build-key.pub.pem"))}
+    # The update bundle for devices already in the field (A/B: see appliance.secure.update).
+    final["update"] = out_dir / f"{name}.update"
     # The issue promises out/NAME/manifest.json too: it is the same file under the short name.
     partial = {k: p.with_name(f".{p.name}.partial") for k, p in final.items()}
     work = Path(tempfile.mkdtemp(prefix=".work-", dir=out_dir))
@@ -119,11 +124,9 @@ def build(cfg: BuildConfig, console: Console | None = None) -> BuildResult:
             root_size = make_erofs(root, root_img, stable_uuid(name, "fs", "root"), epoch)
             shutil.rmtree(root)  # frees ~1 GB before the disk is written
             verity = format_root(root_img, name)
-            facts["rendered"] += [f"boot:{p}" for p in finish_boot(cfg, boot, facts.pop("context"), verity)]
-            if cfg.board.boot == "uefi":
-                make_vfat(boot, boot_img, cfg.board.disk.boot_mib, "boot", stable_uuid(name, "fs", "boot")[:8], epoch)
-            else:
-                make_ext4(boot, boot_img, cfg.board.disk.boot_mib, "boot", stable_uuid(name, "fs", "boot"), epoch)
+            ctx = facts.pop("context")
+            facts["rendered"] += [f"boot:{p}" for p in finish_boot(cfg, boot, ctx, verity)]
+            make_vfat(boot, boot_img, cfg.board.disk.boot_mib, "boot", stable_uuid(name, "fs", "boot")[:8], epoch)
             make_ext4(cfg.data_tree, data_img, cfg.board.disk.data_mib, "data", stable_uuid(name, "fs", "data"), epoch)
         with st.stage("disk"):
             write_disk(layout, partial["img"], {"boot": boot_img, "root-a": root_img, "data": data_img},
@@ -152,6 +155,10 @@ def build(cfg: BuildConfig, console: Console | None = None) -> BuildResult:
                 "signing_key": {"algorithm": "ed25519", "fingerprint": fingerprint(signing)},
                 "agent": json.loads((bundle.parent / "manifest.json").read_text()) if bundle else None,
             }
+            if "update" in final:
+                manifest["update"] = write_bundle(partial["update"], cfg, verity, root_img, boot / "a",
+                                                  lambda data: sign(signing, data), ctx)
+                manifest["update"]["file"] = final["update"].name
             write_json(partial["sbom"], sbom(name, cfg.image_version, facts["packages"], epoch))
             write_json(partial["manifest"], manifest)
             partial["sig"].write_bytes(sign(signing, partial["manifest"].read_bytes()))
@@ -161,11 +168,12 @@ def build(cfg: BuildConfig, console: Console | None = None) -> BuildResult:
         for p in (short, final["manifest"], final["sig"]):
             if p.exists():
                 p.unlink()
-        for k in ("img", "bmap", "sbom", "pub", "sig", "manifest"):
+        for k in ("img", "bmap", "sbom", "pub", *(("update",) if "update" in final else ()), "sig", "manifest"):
             os.rename(partial[k], final[k])
         os.link(final["manifest"], short)
         ok = True
-        return BuildResult(final["img"], final["bmap"], final["manifest"], final["sbom"], hit, st.timings, manifest)
+        return BuildResult(final["img"], final["bmap"], final["manifest"], final["sbom"], hit, st.timings, manifest,
+                           final.get("update"))
     except OSError as e:
         if e.errno == errno.ENOSPC:
             raise BuildError(f"disk full while building {name} in {out_dir} (free space, then rebuild)") from None

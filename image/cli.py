@@ -43,6 +43,8 @@ def parser() -> argparse.ArgumentParser:
                    help="Ed25519 key that signs the manifest (default: made on first use in ~/.config/appliance)")
     p.add_argument("--ssh-ca", type=Path, metavar="PUB",
                    help="factory SSH user CA public key: sshd accepts certificates it signed (no other login)")
+    p.add_argument("--vendor-key", type=Path, metavar="PEM",
+                   help="model vendor's Ed25519 public key: the device store installs packages it signed")
     p.add_argument("--no-agent", action="store_true",
                    help="leave out the frozen appliance-agent (runtime, power, store): an OS-only image")
     p.add_argument("--boards-dir", type=Path, default=None, help=argparse.SUPPRESS)
@@ -64,7 +66,8 @@ def main(argv: list[str] | None = None) -> int:
                           bootloader_dir=args.bootloader, mirror=args.mirror, boards_dir=boards_dir,
                           image_version=args.image_version, templates_overlay=args.templates_overlay,
                           with_agent=not args.no_agent, data_tree=args.data_tree,
-                          signing_key=args.signing_key, ssh_ca=args.ssh_ca)
+                          signing_key=args.signing_key, ssh_ca=args.ssh_ca,
+                          vendor_key=args.vendor_key)
         if cfg.board.bootloader and not cfg.bootloader_dir:
             console.print(f"note: no --bootloader given: this image carries no {cfg.board.name} boot blobs and "
                           "is for boards that boot from U-Boot in SPI flash")
@@ -74,6 +77,8 @@ def main(argv: list[str] | None = None) -> int:
         m = res.manifest_data["image"]
         print(f"{res.image} ({m['bytes'] / 2**20:.0f} MiB, {m['mapped_bytes'] / 2**20:.0f} MiB mapped)")
         print(f"{res.bmap}\n{res.manifest} (+ .sig)\n{res.sbom}")
+        if res.update:
+            print(f"{res.update} (update bundle for devices running an older version)")
         return 0
     except BuildError as e:
         print(f"{PROG}: error: {e}", file=sys.stderr)

@@ -40,6 +40,8 @@ class BuildConfig:
     signing_key: Path | None = None
     # The factory's SSH user CA (OpenSSH public key line): sshd trusts certificates it signed.
     ssh_ca: str | None = None
+    # The model vendor's Ed25519 public key (PEM): the device store accepts packages it signed.
+    vendor_key: str | None = None
 
     @property
     def image_name(self) -> str:
@@ -69,6 +71,7 @@ def make_config(
     data_tree: Path | None = None,
     signing_key: Path | None = None,
     ssh_ca: Path | None = None,
+    vendor_key: Path | None = None,
 ) -> BuildConfig:
     board = load_board(board_name, boards_dir)
     peers = tuple(
@@ -80,6 +83,7 @@ def make_config(
     if templates_overlay is not None and not templates_overlay.is_dir():
         raise BuildError(f"--templates-overlay {templates_overlay}: not a directory")
     ssh_ca_line = read_ssh_ca(ssh_ca) if ssh_ca is not None else None
+    vendor_pem = read_vendor_key(vendor_key) if vendor_key is not None else None
     vname, v = resolve_variant(board, variant)
     if profile not in PROFILES:
         raise BuildError(f"unknown profile {profile!r} (one of: {', '.join(PROFILES)})")
@@ -115,7 +119,28 @@ def make_config(
         data_tree=data_tree,
         signing_key=signing_key,
         ssh_ca=ssh_ca_line,
+        vendor_key=vendor_pem,
     )
+
+
+def read_vendor_key(path: Path) -> str:
+    """The vendor's Ed25519 public key as PEM text; a private key never goes into an image."""
+    from cryptography.hazmat.primitives import serialization
+    from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
+
+    try:
+        data = path.read_bytes()
+    except OSError as e:
+        raise BuildError(f"--vendor-key {path}: cannot read ({e.strerror})") from None
+    if b"PRIVATE KEY" in data:
+        raise BuildError(f"--vendor-key {path}: this is a private key; give the vendor's public key (PEM)")
+    try:
+        key = serialization.load_pem_public_key(data)
+    except ValueError:
+        raise BuildError(f"--vendor-key {path}: not a PEM public key") from None
+    if not isinstance(key, Ed25519PublicKey):
+        raise BuildError(f"--vendor-key {path}: not an Ed25519 key (model packages are signed with Ed25519)")
+    return key.public_bytes(serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo).decode().strip()
 
 
 SSH_KEY_TYPES = ("ssh-ed25519", "ssh-rsa", "ecdsa-sha2-nistp256", "ecdsa-sha2-nistp384", "ecdsa-sha2-nistp521",

@@ -20,11 +20,13 @@ from .config import BuildConfig
 from .errors import BuildError
 from .harden import harden
 from .templates_render import render_tree
+from .update_bundle import slot_env
+from appliance.secure.slots import BOOT_TRIES
 from .verity import append_overlay, initramfs_overlay
 
 UNITS_ENABLED = ("appliance-ready.service", "appliance-ssh-hostkeys.service", "systemd-networkd.service",
                  "systemd-repart.service")
-AGENT_UNITS = ("appliance-runtime.service", "appliance-power.service")
+AGENT_UNITS = ("appliance-runtime.service", "appliance-power.service", "appliance-update-bless.service")
 AGENT_DIR = "opt/appliance/appliance-agent"
 RUNTIME_PORT = 8500
 UNITS_MASKED_ALWAYS = ("systemd-networkd-wait-online.service",)
@@ -133,6 +135,7 @@ def template_context(cfg: BuildConfig, build_info: dict, agent: bool = False) ->
         "agent_path": f"/{AGENT_DIR}/appliance-agent",
         "runtime_port": RUNTIME_PORT,
         "ssh_ca": cfg.ssh_ca,
+        "vendor_public_key": cfg.vendor_key,
     }
 
 
@@ -217,9 +220,33 @@ def customise(cfg: BuildConfig, base: Path, root: Path, boot: Path, build_info: 
 
 def finish_boot(cfg: BuildConfig, boot: Path, ctx: dict, verity: dict) -> list[str]:
     """Boot loader configuration, rendered once the root (and so its root hash) exists."""
-    rendered = render_tree(f"boot-{cfg.board.boot}", boot, {**ctx, "verity": verity}, cfg.templates_overlay)
+    rendered = render_tree(f"boot-{cfg.board.boot}", boot, {**ctx, "verity": verity, "boot_tries": BOOT_TRIES},
+                           cfg.templates_overlay)
+    if cfg.board.boot == "u-boot":
+        (boot / "a").mkdir(exist_ok=True)
+        (boot / "a" / "slot.env").write_text(slot_env(cfg, verity, "a", ctx))
+        rendered.append("a/slot.env")
+        compile_boot_script(boot / "boot.cmd", boot / "boot.scr", cfg.board.arch, cfg.source_date_epoch)
+        rendered.append("boot.scr")
+    else:
+        # A fresh image's slot a is known good: its entry carries no boot counter.
+        (boot / "loader/entries").mkdir(parents=True, exist_ok=True)
+        (boot / "loader/entries/slot-a.conf").write_text(slot_env(cfg, verity, "a", ctx))
+        rendered.append("loader/entries/slot-a.conf")
     clamp_mtimes(boot, cfg.source_date_epoch)
     return rendered
+
+
+MKIMAGE_ARCH = {"arm64": "arm64", "armhf": "arm", "amd64": "x86_64", "riscv64": "riscv"}
+
+
+def compile_boot_script(src: Path, out: Path, arch: str, epoch: int) -> None:
+    """boot.cmd -> boot.scr (a legacy U-Boot script image); the header time is the build date."""
+    env = {**os.environ, "SOURCE_DATE_EPOCH": str(epoch)}
+    r = subprocess.run(["mkimage", "-A", MKIMAGE_ARCH.get(arch, arch), "-O", "linux", "-T", "script", "-C", "none",
+                        "-n", "appliance A/B boot", "-d", str(src), str(out)], capture_output=True, text=True, env=env)
+    if r.returncode != 0:
+        raise BuildError(f"mkimage (boot.scr from {src.name}) failed: {(r.stderr or r.stdout).strip()[:300]}")
 
 
 EFI_NAMES = {"amd64": ("systemd-bootx64.efi", "BOOTX64.EFI"), "arm64": ("systemd-bootaa64.efi", "BOOTAA64.EFI")}

@@ -52,12 +52,13 @@ def make_erofs(src: Path, out: Path, fs_uuid: str, epoch: int, compress: str | N
 
 
 def make_vfat(src: Path, out: Path, size_mib: int, label: str, volume_id: str, epoch: int) -> None:
-    """ESP for UEFI boards, filled with mtools (vfat cannot be loop-mounted here)."""
+    """The boot partition (ESP on UEFI boards, boot.scr + slots on U-Boot boards), filled with
+    mtools (vfat cannot be loop-mounted here). FAT32 needs at least ~33 MiB; smaller is FAT16."""
     if out.exists():
         out.unlink()
     with open(out, "wb") as f:
         f.truncate(size_mib * MiB)
-    _run(["mkfs.vfat", "-F", "32", "-n", label.upper()[:11], "-i", volume_id, "--invariant", str(out)],
+    _run(["mkfs.vfat", "-F", "32" if size_mib >= 64 else "16", "-n", label.upper()[:11], "-i", volume_id, "--invariant", str(out)],
          f"mkfs.vfat for partition {label!r}")
     entries = sorted(p.name for p in src.iterdir())
     if entries:

@@ -36,3 +36,16 @@ def read_ext4_file(image: Path, label: str, path: str) -> bytes:
         if r.returncode != 0 or not out.exists():
             raise BuildError(f"{image}: partition {label!r} has no {path} ({r.stderr.strip()[-200:]})")
         return out.read_bytes()
+
+
+def read_vfat_file(image: Path, label: str, path: str) -> bytes:
+    """Contents of `path` inside the FAT partition `label` (via mtools, no mount)."""
+    for p in partitions(image):
+        if p.get("name") == label:
+            r = subprocess.run(["mtype", "-i", f"{image}@@{p['start'] * 512}", f"::{path}"], capture_output=True,
+                               env={"MTOOLS_SKIP_CHECK": "1", "PATH": "/usr/bin:/bin"})
+            if r.returncode != 0:
+                raise BuildError(f"{image}: partition {label!r} has no {path} "
+                                 f"({r.stderr.decode(errors='replace').strip()[-200:]})")
+            return r.stdout
+    raise BuildError(f"{image}: no partition labelled {label!r}")

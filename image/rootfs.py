@@ -84,7 +84,7 @@ def initramfs_union(boards) -> tuple[str, ...]:
     return tuple(seen)
 
 
-BOOT_PACKAGES = {"extlinux": (), "uefi": ("systemd-boot-efi",)}
+BOOT_PACKAGES = {"u-boot": (), "uefi": ("systemd-boot-efi",)}
 
 
 def plan_rootfs(cfg: BuildConfig) -> RootfsPlan:

@@ -77,11 +77,16 @@ def initramfs_overlay(root: Path, arch: str, epoch: int) -> bytes:
     with tempfile.TemporaryDirectory() as tmp:
         render_tree("initramfs", Path(tmp), {"mapper_name": MAPPER_NAME})
         script = (Path(tmp) / "scripts/local-top/appliance-verity").read_bytes()
+        machine_id = (Path(tmp) / "scripts/local-bottom/appliance-machine-id").read_bytes()
     order = b'/scripts/local-top/appliance-verity "$@"\n[ -e /conf/param.conf ] && . /conf/param.conf\n'
+    order_bottom = b'/scripts/local-bottom/appliance-machine-id "$@"\n[ -e /conf/param.conf ] && . /conf/param.conf\n'
     entries: list[tuple[str, int, bytes]] = [
         ("scripts", 0o40755, b""), ("scripts/local-top", 0o40755, b""),
         ("scripts/local-top/appliance-verity", 0o100755, script),
         ("scripts/local-top/ORDER", 0o100644, order),
+        ("scripts/local-bottom", 0o40755, b""),
+        ("scripts/local-bottom/appliance-machine-id", 0o100755, machine_id),
+        ("scripts/local-bottom/ORDER", 0o100644, order_bottom),
         ("usr", 0o40755, b""), ("usr/sbin", 0o40755, b""), ("usr/lib", 0o40755, b""),
         (f"usr/lib/{triplet}", 0o40755, b""),
         ("usr/sbin/veritysetup", 0o100755, veritysetup.read_bytes()),

@@ -3,7 +3,7 @@
     appliance-agent runtime ...   -> appliance.runtime.cli:main
     appliance-agent power ...     -> appliance.power.agent:main
     appliance-agent store ...     -> appliance.secure.agent:main
-    appliance-agent update ...    -> not yet (image area)
+    appliance-agent update ...    -> appliance.secure.update:main (A/B system updates)
 
 Subcommands are imported lazily: `store` never pays for aiohttp, `runtime` never for PKCS#11.
 """
@@ -17,6 +17,7 @@ COMMANDS = {
     "runtime": ("appliance.runtime.cli", "inference daemon (runtime serve)"),
     "power": ("appliance.power.agent", "DVFS/power manager"),
     "store": ("appliance.secure.agent", "secure model store"),
+    "update": ("appliance.secure.update", "signed A/B system updates"),
 }
 USAGE = (f"usage: {PROG} {{{','.join(COMMANDS)}}} ...\n\n"
          + "\n".join(f"  {k:<8} {v[1]}" for k, v in COMMANDS.items()) + "\n")
@@ -28,9 +29,6 @@ def main(argv: list[str] | None = None) -> int:
         sys.stdout.write(USAGE) if args else sys.stderr.write(USAGE)
         return 0 if args else 2
     cmd, rest = args[0], args[1:]
-    if cmd == "update":
-        print(f"{PROG}: error: 'update' is not part of this build yet", file=sys.stderr)
-        return 2
     if cmd not in COMMANDS:
         print(f"{PROG}: error: unknown command {cmd!r} (choose from {', '.join(COMMANDS)})", file=sys.stderr)
         return 2

@@ -290,9 +290,6 @@ def test_two_copies_of_one_image_differ(prod, qemu_arm64_production, client, tmp
     assert len(a_keys.splitlines()) == 3 and not set(a_keys.splitlines()) & set(b_keys.splitlines())
 
 
-@pytest.mark.xfail(strict=True, reason="the first machine-id is kept in /data/etc/machine-id, but PID 1 reuses it "
-                   "only once the initramfs hands it over as /run/machine-id (lead's verity.py overlay; see the "
-                   "issue 3 notes): drop this mark when that is in")
 def test_machine_id_survives_a_reboot(prod, qemu_arm64_production, client, tmp_path):
     """Last test on copy A: it powers the copy off and boots it again."""
     cfg, _ = qemu_arm64_production

@@ -1,4 +1,4 @@
-"""e2e: build qemu-arm64, boot it through U-Boot + extlinux in QEMU, check it from inside.
+"""e2e: build qemu-arm64, boot it through U-Boot + boot.scr (slot a) in QEMU, check it from inside.
 
 Costs: cold ~15 min (mmdebstrap under qemu-user), warm build ~1 min, boot ~60-100 s (TCG).
 """
@@ -9,7 +9,7 @@ import time
 import pytest
 
 from appliance.image.boot import READY_MARKER, start
-from appliance.image.inspect import partitions, read_ext4_file
+from appliance.image.inspect import partitions, read_vfat_file
 
 pytestmark = [pytest.mark.e2e, pytest.mark.timeout(3600)]
 
@@ -92,11 +92,11 @@ def test_warm_rebuild_with_changed_template_reuses_rootfs(qemu_arm64_debug, tmp_
     entry = cache.lookup("rootfs", plan_rootfs(cfg).key())
     assert entry is not None
     before = (entry / "rootfs.tar").stat()
-    ov = tmp_path / "overlay/boot-extlinux/extlinux"
+    ov = tmp_path / "overlay/boot-u-boot"
     ov.mkdir(parents=True)
     from appliance.image.templates_render import TEMPLATES
-    text = (TEMPLATES / "boot-extlinux/extlinux/extlinux.conf.j2").read_text()
-    (ov / "extlinux.conf.j2").write_text(text.replace("timeout 1", "timeout 3"))
+    text = (TEMPLATES / "boot-u-boot/boot.cmd.j2").read_text()
+    (ov / "boot.cmd.j2").write_text("echo overlay-was-here\n" + text)
     cfg2 = make_config("qemu-arm64", profile="debug", out_dir=tmp_path / "out",
                        templates_overlay=tmp_path / "overlay")
     res = build(cfg2)
@@ -104,7 +104,6 @@ def test_warm_rebuild_with_changed_template_reuses_rootfs(qemu_arm64_debug, tmp_
     after = (entry / "rootfs.tar").stat()
     assert (after.st_ino, after.st_mtime_ns) == (before.st_ino, before.st_mtime_ns)
     assert not (res.image.parent / "mmdebstrap.log").exists()
-    conf = read_ext4_file(res.image, "boot", "/extlinux/extlinux.conf").decode()
-    assert "timeout 3" in conf
-    assert read_ext4_file(first.image, "boot", "/extlinux/extlinux.conf").decode().count("timeout 1") == 1
+    assert b"echo overlay-was-here" in read_vfat_file(res.image, "boot", "/boot.scr")
+    assert b"overlay-was-here" not in read_vfat_file(first.image, "boot", "/boot.scr")
     print(f"warm rebuild stages: {res.timings}")

@@ -10,7 +10,7 @@ import os
 
 import pytest
 
-from appliance.image.inspect import partitions, read_ext4_file
+from appliance.image.inspect import partitions, read_vfat_file
 
 pytestmark = [pytest.mark.e2e, pytest.mark.timeout(3600)]
 REPO = __import__("pathlib").Path(__file__).resolve().parents[2]
@@ -49,17 +49,19 @@ def test_gpt_labels_and_sizes(rock5b):
     assert [p["name"] for p in parts] == ["boot", "root-a", "root-b", "data"]
     assert parts[0]["start"] == 16 * 2048          # partitions start after 16 MiB
     sizes = {p["name"]: p["size"] * 512 // 2**20 for p in parts}
-    assert sizes == {"boot": 128, "root-a": 1024, "root-b": 1024, "data": 256}
+    assert sizes == {"boot": 256, "root-a": 1024, "root-b": 1024, "data": 256}
     assert "LegacyBIOSBootable" in parts[0].get("attrs", "")
 
 
-def test_extlinux_names_dtb_console_and_root(rock5b):
+def test_boot_script_names_dtb_console_and_root(rock5b):
     res, _, _ = rock5b
-    conf = read_ext4_file(res.image, "boot", "/extlinux/extlinux.conf").decode()
-    assert "fdt /a/dtbs/rockchip/rk3588-rock-5b.dtb" in conf
+    conf = read_vfat_file(res.image, "boot", "/boot.cmd").decode()
+    assert "${appliance_slot}/dtbs/rockchip/rk3588-rock-5b.dtb" in conf
     assert "console=ttyS2,1500000" in conf
-    assert "root=PARTLABEL=root-a" in conf and "rootfstype=erofs" in conf
-    dtb = read_ext4_file(res.image, "boot", "/a/dtbs/rockchip/rk3588-rock-5b.dtb")
+    assert read_vfat_file(res.image, "boot", "/boot.scr")[:4] == bytes.fromhex("27051956")
+    slot = read_vfat_file(res.image, "boot", "/a/slot.env").decode()
+    assert "root=PARTLABEL=root-a" in slot and "rootfstype=erofs" in slot
+    dtb = read_vfat_file(res.image, "boot", "/a/dtbs/rockchip/rk3588-rock-5b.dtb")
     assert dtb[:4] == bytes.fromhex("d00dfeed")   # a real flattened device tree
     board = res.manifest_data
     assert board["variant"] == "rock-5b" and board["profile"] == "production"

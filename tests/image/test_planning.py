@@ -4,7 +4,7 @@ from pathlib import Path
 import pytest
 
 from appliance.image.config import make_config
-from appliance.image.customise import split_modules, template_context
+from appliance.image.customise import finish_boot, split_modules, template_context
 from appliance.image.disk import MIB_SECTORS, plan_disk, sfdisk_script
 from appliance.image.rootfs import plan_rootfs
 from appliance.image.templates_render import render_tree
@@ -95,7 +95,8 @@ def _render(tmp_path, **kw):
     root = tmp_path / "root"
     written = render_tree("rootfs", root, ctx)
     boot = tmp_path / "boot"
-    render_tree(f"boot-{c.board.boot}", boot, {**ctx, "verity": {"roothash": "ab" * 32, "hash_offset": 4096}})
+    boot.mkdir()
+    finish_boot(c, boot, ctx, {"roothash": "ab" * 32, "hash_offset": 4096})
     return root, boot, written
 
 
@@ -106,10 +107,17 @@ def test_templates_production(tmp_path):
     assert (root / "etc/hostname").read_text().strip() == "qemu-arm64"
     # production: no autologin drop-in at all
     assert "etc/systemd/system/serial-getty@.service.d/autologin.conf" not in written
-    ext = (boot / "extlinux/extlinux.conf").read_text()
-    assert "root=PARTLABEL=root-a" in ext and "rootfstype=erofs" in ext and " ro " in ext
-    assert "console=ttyAMA0,115200" in ext and "fdt" not in ext  # QEMU provides its own DT
-    assert f"appliance.verity={'ab' * 32}:4096" in ext
+    slot = (boot / "a/slot.env").read_text()
+    assert slot.startswith("slot_args=root=PARTLABEL=root-a ") and "rootfstype=erofs" in slot and " ro " in slot
+    assert f"appliance.verity={'ab' * 32}:4096" in slot and "appliance.slot=a" in slot
+    cmd = (boot / "boot.cmd").read_text()
+    assert "console=ttyAMA0,115200" in cmd and "fdt_addr_r" not in cmd  # QEMU provides its own DT
+    assert "${fdtcontroladdr}" in cmd
+    # A fresh image boots slot a only: slot b is empty until the first update.
+    assert (boot / "bootstate.env").read_text().split() == ["BOOT_ORDER=a", "BOOT_a_LEFT=3", "BOOT_b_LEFT=0"]
+    scr = (boot / "boot.scr").read_bytes()
+    assert scr[:4] == bytes.fromhex("27051956") and b"appliance A/B boot" in scr[:64]
+    assert cmd.encode() in scr  # the compiled script carries the text unchanged
 
 
 def test_templates_debug_adds_serial_autologin(tmp_path):
@@ -118,11 +126,11 @@ def test_templates_debug_adds_serial_autologin(tmp_path):
     assert "--login-program /bin/bash" in conf and "--skip-login" in conf
 
 
-def test_templates_rk3588_extlinux(tmp_path):
+def test_templates_rk3588_boot_script(tmp_path):
     root, boot, _ = _render(tmp_path, board="rk3588", variant="rock-5b")
-    ext = (boot / "extlinux/extlinux.conf").read_text()
-    assert "fdt /a/dtbs/rockchip/rk3588-rock-5b.dtb" in ext
-    assert "console=ttyS2,1500000" in ext
+    cmd = (boot / "boot.cmd").read_text()
+    assert "${appliance_slot}/dtbs/rockchip/rk3588-rock-5b.dtb" in cmd and "${fdt_addr_r}" in cmd
+    assert "console=ttyS2,1500000" in cmd
     import json
     assert json.loads((root / "etc/appliance/board.json").read_text())["cpu"]["big"] == [4, 5, 6, 7]
 

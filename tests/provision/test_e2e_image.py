@@ -35,8 +35,8 @@ def test_flash_real_image_then_boot_the_card_through_the_console(image, tmp_path
         st = BootStrategy(con)
         st.transition("uboot", 120)
         assert st.uboot.run("virtio scan").ok
-        ls = st.uboot.run("ls virtio 0:1 /extlinux")
-        assert ls.ok and "extlinux.conf" in ls.output
+        ls = st.uboot.run("ls virtio 0:1 /")
+        assert ls.ok and "boot.scr" in ls.output
         assert not st.uboot.run("ls virtio 0:1 /no-such-dir").ok
         st.transition("ready", 600)  # sends `boot`, waits for the image's marker
         assert {"kernel", "ready"} <= set(con.seen) and con.seen["kernel"] < con.seen["ready"]
