@@ -34,6 +34,7 @@ from .errors import PowerError
 from .model import domain_model
 from .profile import DEFAULT_BOARD_JSON, Profile, load_board_json, load_board_profile
 from .sysfs import Sysfs, atomic_write
+from appliance.runtime.sdnotify import notify as sd_notify, watchdog_interval
 
 PROG = "appliance-agent power"
 log = logging.getLogger("appliance.power")
@@ -375,8 +376,15 @@ def run(a) -> int:
             interval = max(interval, 1.0)  # nothing to control: sample slowly, cost ~nothing
         log.info("running: board %s, %s, interval %.3f s", prof.name,
                  "observe-only" if mgr.observe_only else f"mode {mgr.mode}", interval)
+        # Under systemd (Type=notify, WatchdogSec=): ready once in control, then a ping per loop
+        # turn at most every half watchdog period; a wedged loop stops pinging and is restarted.
+        sd_notify("READY=1", f"STATUS={'observe-only' if mgr.observe_only else mgr.mode}")
+        pet_every, last_pet = watchdog_interval(), 0.0
         i = 0
         while a.iterations == 0 or i < a.iterations:
+            if pet_every is not None and time.monotonic() - last_pet >= pet_every:
+                sd_notify("WATCHDOG=1")
+                last_pet = time.monotonic()
             d = mgr.step()
             if d is not None:
                 log.debug("opp %d (%d kHz) cap %d park %s", d.opp, d.freq_khz, d.cap_opp, d.park)

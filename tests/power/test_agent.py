@@ -251,8 +251,8 @@ def test_utilisation_from_proc_stat_without_metrics(tmp_path):
     m.restore()
 
 
-def run_agent(tmp_path, *args, board="rk3588", **kw):
-    env = dict(os.environ, PYTHONPATH=str(REPO))
+def run_agent(tmp_path, *args, board="rk3588", env=None, **kw):
+    env = dict(env or os.environ, PYTHONPATH=str(REPO))
     cmd = [sys.executable, "-c", "import sys; from appliance.power.agent import main; sys.exit(main(sys.argv[1:]))",
            "run", "--board", board, "--sysfs-root", str(tmp_path / "sys"), "--procfs-root", str(tmp_path / "proc"),
            "--state-file", str(tmp_path / "state/saved.json"), "--metrics-url", "", *args]
@@ -395,3 +395,32 @@ def test_refused_writes_are_logged_once_and_the_daemon_keeps_going(tmp_path, met
     m.step()                                   # still controlling frequencies afterwards
     assert pol(fs, "policy0", "scaling_min_freq") == "3400000"
     m.restore()
+
+
+def test_run_tells_systemd_ready_and_pets_the_watchdog(tmp_path):
+    """The unit is Type=notify with WatchdogSec=: the agent must send READY=1 once in control
+    and WATCHDOG=1 from its loop (a real datagram socket stands in for systemd's)."""
+    import socket as _socket
+
+    prof = load_board_profile("rk3588")
+    make_tree(tmp_path, prof)
+    sock_path = tmp_path / "notify.sock"
+    srv = _socket.socket(_socket.AF_UNIX, _socket.SOCK_DGRAM)
+    srv.bind(str(sock_path))
+    srv.settimeout(20)
+    try:
+        env = dict(os.environ, NOTIFY_SOCKET=str(sock_path), WATCHDOG_USEC="40000")
+        p = run_agent(tmp_path, "--interval", "0.01", "--iterations", "20", env=env)
+        _, err = p.communicate(timeout=60)
+        assert p.returncode == 0, err
+        msgs = []
+        srv.settimeout(0.5)
+        while True:
+            try:
+                msgs.append(srv.recv(4096).decode())
+            except (TimeoutError, _socket.timeout):
+                break
+    finally:
+        srv.close()
+    assert msgs and msgs[0].startswith("READY=1")
+    assert sum(m == "WATCHDOG=1" for m in msgs) >= 2   # 20 turns of 10 ms, a ping every 20 ms
