@@ -24,7 +24,7 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 from .errors import SecureError
-from .fsutil import atomic_write
+from .fsutil import atomic_write, fsync_dir
 
 SLOTS = ("a", "b")
 BOOT_TRIES = 3
@@ -185,7 +185,7 @@ class SdBootSlots:
     def take_out(self, target: str) -> None:
         for p, _ in self._files(target):
             p.unlink()
-        _fsync_dir(self.entries)
+        fsync_dir(self.entries)
 
     def stage(self, staging: Path, target: str, entry: str) -> None:
         pass
@@ -198,15 +198,7 @@ class SdBootSlots:
         for p, tries in self._files(booted):
             if tries is not None:
                 os.rename(p, self.entries / f"slot-{booted}.conf")
-                _fsync_dir(self.entries)
-
-
-def _fsync_dir(d: Path) -> None:
-    fd = os.open(d, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
+                fsync_dir(self.entries)
 
 
 def for_boot(boot: Path):
@@ -219,10 +211,7 @@ def for_boot(boot: Path):
 
 
 def booted_slot(cmdline: str) -> str | None:
-    for arg in cmdline.split():
-        if arg.startswith("appliance.slot="):
-            return arg.split("=", 1)[1]
-    return None
+    return cmdline_value(cmdline, "appliance.slot")
 
 
 def cmdline_value(cmdline: str, key: str) -> str | None:

@@ -41,6 +41,7 @@ from pathlib import Path
 
 from . import slots
 from .errors import SecureError
+from .fsutil import fsync_dir
 
 PROG = "appliance-agent update"
 FORMAT = 1
@@ -206,9 +207,7 @@ def _fsync_tree(d: Path) -> None:
             fd = os.open(os.path.join(dirpath, f), os.O_RDONLY)
             os.fsync(fd)
             os.close(fd)
-        fd = os.open(dirpath, os.O_RDONLY | os.O_DIRECTORY)
-        os.fsync(fd)
-        os.close(fd)
+        fsync_dir(dirpath)
 
 
 def install(bundle, dev: Device = Device(), progress=print) -> str:
@@ -293,9 +292,7 @@ def _write_slot(tf: tarfile.TarFile, meta: dict, target: str, dev: Device, progr
         _fsync_tree(staging)
         final = boot / target
         os.rename(staging, final)
-        fd = os.open(boot, os.O_RDONLY | os.O_DIRECTORY)
-        os.fsync(fd)
-        os.close(fd)
+        fsync_dir(boot)
         progress(f"slot {target} written and verified; switching")
         backend.activate(target, env_text)
         progress(f"switched: the next boot tries slot {target} ({slots.BOOT_TRIES} tries, then back to "
