@@ -48,6 +48,10 @@ class TokenMacFileCounter(MonotonicCounter):
     def __init__(self, path: str | os.PathLike, backend):
         self.path = Path(path)
         self.backend = backend
+        # (backend, bytes, counters) last authenticated by the token: the same bytes need no second
+        # token operation (the MAC key is fixed for the token's life). Every load still reads
+        # the file, so a swapped counter is checked again.
+        self._verified: tuple[object, bytes, dict[str, str]] | None = None
 
     def _read(self) -> dict[str, str]:
         try:
@@ -59,6 +63,8 @@ class TokenMacFileCounter(MonotonicCounter):
             return {}
         except OSError as e:
             raise CounterError(f"cannot read counter {self.path}: {e.strerror}") from None
+        if self._verified is not None and self._verified[0] is self.backend and self._verified[1] == raw:
+            return dict(self._verified[2])
         body, sep, tag = raw.rpartition(b"\n")
         if not sep or not hmac.compare_digest(self.backend.mac(DOMAIN + body).hex().encode(), tag):
             raise CounterError(f"anti-rollback counter {self.path} failed authentication "
@@ -72,6 +78,7 @@ class TokenMacFileCounter(MonotonicCounter):
                 parse_version(v)
         except (ValueError, KeyError, TypeError, FormatError):
             raise CounterError(f"anti-rollback counter {self.path} is malformed") from None
+        self._verified = (self.backend, raw, dict(counters))
         return counters
 
     def get(self, name):

@@ -182,43 +182,67 @@ def test_source_from_env_takes_module_from_board_file(tmp_path, softhsm, device_
 
 
 class _CountingBackend:
-    """The real token backend; counts RSA-OAEP operations (what the sealed data key saves)."""
+    """The real token backend; counts RSA-OAEP operations (what the sealed data key saves) and
+    HMACs (token operations per load)."""
 
     def __init__(self, backend):
-        self.b, self.oaep = backend, 0
+        self.b, self.oaep, self.macs = backend, 0, 0
 
     def decrypt_oaep(self, *a):
         self.oaep += 1
         return self.b.decrypt_oaep(*a)
 
+    def mac(self, *a):
+        self.macs += 1
+        return self.b.mac(*a)
+
     def __getattr__(self, name):
         return getattr(self.b, name)
 
 
-def test_load_uses_the_sealed_data_key_not_rsa_and_a_first_format_trailer_still_loads(
+def test_load_uses_the_sealed_data_key_not_rsa_and_older_trailers_still_load(
         store, device_a, vendor_key):
-    from appliance.secure.store import SEAL_MAGIC, SEAL_MAGIC2, _seal_input
+    from cryptography.hazmat.primitives.keywrap import aes_key_unwrap, aes_key_wrap
+
+    from appliance.secure.store import SEAL_MAGIC, SEAL_MAGIC2, SEAL_MAGIC3, _seal_input
 
     _, pem = device_a
     data = os.urandom(30000)
     store.install(pkg_for(pem, vendor_key, data))
     path = store.models / "det.pkg"
     raw = path.read_bytes()
-    assert raw.endswith(SEAL_MAGIC2)
+    assert raw.endswith(SEAL_MAGIC3)
     counting = _CountingBackend(store.backend)
     store.backend = counting
     store.counter.backend = counting
     assert store.load("det").content == data
     fd, _ = store.load_memfd("det")
     os.close(fd)
-    assert counting.oaep == 0  # two HMACs on the token instead of the RSA private-key operation
+    assert counting.oaep == 0  # no RSA private-key operation on load
+    before = counting.macs
+    assert store.load("det").content == data
+    # One token HMAC gives seal and KEK; the unchanged counter was authenticated before.
+    assert counting.macs - before == 1
+
+    # A package installed by the second store format (seal and KEK from two HMACs) still loads.
+    body = raw[:-80]
+    p = env.parse_package(body)
+    key = aes_key_unwrap(store._seal_and_kek(p)[1], raw[-80:-40])
+    v2 = body + aes_key_wrap(store._kek(p), key) + counting.mac(_seal_input(p), "seal") + SEAL_MAGIC2
+    path.write_bytes(v2)
+    assert store.load("det").content == data
+    assert counting.oaep == 0
 
     # A package installed by the first store format (seal only) still loads, through RSA-OAEP.
-    body = raw[:-80]
-    seal = counting.mac(_seal_input(env.parse_package(body)), "seal")
+    seal = counting.mac(_seal_input(p), "seal")
     path.write_bytes(body + seal + SEAL_MAGIC)
     assert store.load("det").content == data
     assert counting.oaep == 1
+
+    # A v2 seal under the v3 magic (or the reverse) does not verify: the derivations differ.
+    path.write_bytes(v2[:-8] + SEAL_MAGIC3)
+    with pytest.raises(E.IntegrityError, match="install seal does not verify"):
+        store.load("det")
 
     # The wrapped key is not covered by the seal but by AES key wrap's own integrity check.
     bad = bytearray(raw)
@@ -228,6 +252,23 @@ def test_load_uses_the_sealed_data_key_not_rsa_and_a_first_format_trailer_still_
         store.load("det")
     with pytest.raises(E.IntegrityError, match="sealed data key does not unwrap"):
         store.load_memfd("det")
+
+
+def test_counter_is_authenticated_again_when_its_file_changes(store, device_a, vendor_key):
+    _, pem = device_a
+    store.install(pkg_for(pem, vendor_key, os.urandom(1000)))
+    counting = _CountingBackend(store.backend)
+    store.counter.backend = counting
+    assert store.counter.get("det") is not None
+    n = counting.macs
+    store.counter.get("det")
+    assert counting.macs == n  # same bytes: no second token operation
+    raw = store.counter.path.read_bytes()
+    store.counter.path.write_bytes(raw.replace(b'"1.', b'"0.', 1))
+    with pytest.raises(E.CounterError, match="failed authentication"):
+        store.counter.get("det")
+    store.counter.path.write_bytes(raw)
+    assert store.counter.get("det") is not None
 
 
 def test_backend_caches_found_keys_but_not_missing_ones(token_config, device_a):
