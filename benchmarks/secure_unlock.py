@@ -40,12 +40,68 @@ def median_ms(xs):
     return statistics.median(xs) * 1e3
 
 
+def child(mode: str, tmp: Path, vendor_pub_pem: bytes) -> None:
+    """One load of the big model in a fresh process, as in a running daemon that loads a new
+    model or version: before the clock, both children (plain and secure alike) open the token
+    session and load a tiny model both ways, so imports and first-use code paths are warm, but
+    nothing of the big model is in this process's heap. Prints wall and CPU seconds."""
+    from ai_edge_litert.interpreter import Interpreter
+    from cryptography.hazmat.primitives import serialization
+
+    from appliance.secure.backend import Pkcs11Backend, TokenConfig
+    from appliance.secure.store import DeviceStore
+
+    backend = Pkcs11Backend(TokenConfig(module="/usr/lib/softhsm/libsofthsm2.so", token_label="bench", pin="1234"))
+    store = DeviceStore(tmp / "store", backend, serialization.load_pem_public_key(vendor_pub_pem), "bench")
+    for content in ((tmp / "warm.tflite").read_bytes(), store.load("warm").content):
+        w = Interpreter(model_content=content, num_threads=1)
+        w.allocate_tensors()
+        w.invoke()
+    del w, content
+    t, c = time.perf_counter(), time.process_time()
+    if mode == "plain":
+        it = Interpreter(model_path=str(tmp / "plain.tflite"), num_threads=1)
+    else:
+        it = Interpreter(model_content=store.load("bench").content, num_threads=1)
+    it.allocate_tensors()
+    t1, c1 = time.perf_counter(), time.process_time()
+    d = it.get_input_details()[0]
+    it.set_tensor(d["index"], np.zeros(d["shape"], d["dtype"]))
+    it.invoke()
+    print(t1 - t, c1 - c, time.perf_counter() - t, time.process_time() - c)
+
+
+def fresh_process_table(tmp: Path, vendor_pub_pem: bytes, runs: int) -> None:
+    res = {"plain": [], "secure": []}
+    env = dict(os.environ, PYTHONPATH=str(Path(__file__).resolve().parent))
+    for i in range(runs):
+        for mode in (("plain", "secure") if i % 2 == 0 else ("secure", "plain")):
+            out = subprocess.run([sys.executable, __file__, "--child", mode, str(tmp), vendor_pub_pem.hex()],
+                                 capture_output=True, text=True, check=True, env=env).stdout.split()
+            res[mode].append([float(x) for x in out[-4:]])
+    print(f"\nfresh process per load (warm code paths, cold heap: see child()), runs={runs}, medians")
+    print(f"{'measurement':58s} {'wall ms':>8s} {'/plain':>7s} {'cpu ms':>8s} {'/plain':>7s}")
+    for col, label in ((0, "Interpreter + allocate"), (2, "Interpreter + allocate + first invoke")):
+        base_w = statistics.median(r[col] for r in res["plain"])
+        base_c = statistics.median(r[col + 1] for r in res["plain"])
+        for mode in ("plain", "secure"):
+            w = statistics.median(r[col] for r in res[mode])
+            c = statistics.median(r[col + 1] for r in res[mode])
+            name = f"{mode} ({'store.load + ' if mode == 'secure' else ''}{label})"
+            print(f"{name:58s} {w * 1e3:8.2f} {w / base_w:7.2f} {c * 1e3:8.2f} {c / base_c:7.2f}")
+
+
 def main() -> int:
+    if len(sys.argv) > 1 and sys.argv[1] == "--child":
+        os.environ["SOFTHSM2_CONF"] = str(Path(sys.argv[3]) / "softhsm2.conf")
+        child(sys.argv[2], Path(sys.argv[3]), bytes.fromhex(sys.argv[4]))
+        return 0
     ap = argparse.ArgumentParser()
     ap.add_argument("--runs", type=int, default=41)
     ap.add_argument("--model")
     ap.add_argument("--mib", type=int, default=64, help="size of the AES-GCM throughput sample")
     ap.add_argument("--malloc", choices=("hugetlb", "default"), default="hugetlb")
+    ap.add_argument("--fresh-runs", type=int, default=21, help="loads in a fresh process each (0: skip)")
     args = ap.parse_args()
     tunable = "glibc.malloc.hugetlb=1"
     if args.malloc == "hugetlb" and tunable not in os.environ.get("GLIBC_TUNABLES", ""):
@@ -79,6 +135,12 @@ def main() -> int:
         manifest = envelope.Manifest("bench", "1.0.0", hashlib.sha256(model).hexdigest(), len(model), ("bench",))
         pkg = envelope.build_package(model, manifest, vendor, pem)
         DeviceStore(tmp / "store", b, vendor.public_key(), "bench").install(pkg)
+        from appliance.runtime.tinymodels import fully_connected_f32
+        tiny = fully_connected_f32(8, 4)
+        (tmp / "warm.tflite").write_bytes(tiny)
+        mt = envelope.Manifest("warm", "1.0.0", hashlib.sha256(tiny).hexdigest(), len(tiny), ("bench",))
+        DeviceStore(tmp / "store", b, vendor.public_key(), "bench").install(
+            envelope.build_package(tiny, mt, vendor, pem))
     plain_file = tmp / "plain.tflite"
     plain_file.write_bytes(model)
 
@@ -191,6 +253,10 @@ def main() -> int:
     print(f"{'AES-256-GCM decrypt':44s} {'MiB/s':>9s}")
     print(f"{'  envelope.decrypt, 1 MiB chunks (in place)':44s} {mib / statistics.median(te):9.0f}")
     print(f"{'  one-shot AESGCM.decrypt (baseline)':44s} {mib / statistics.median(tr):9.0f}")
+    if args.fresh_runs:
+        from cryptography.hazmat.primitives import serialization
+        fresh_process_table(tmp, vendor.public_key().public_bytes(
+            serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo), args.fresh_runs)
     return 0
 
 
