@@ -71,6 +71,18 @@ class LabDevice:
     def config(self) -> Path:
         return self.root / "etc" / "ssh" / "sshd_config"
 
+    def cpu_seconds(self) -> float:
+        """CPU time of this device so far: its sshd plus every finished session under it
+        (sshd reaps its per-connection children, so their time lands in its cutime/cstime)."""
+        if self.proc is None:
+            return 0.0
+        try:
+            stat = Path(f"/proc/{self.proc.pid}/stat").read_text()
+        except OSError:
+            return 0.0
+        f = stat[stat.rindex(")") + 2:].split()
+        return sum(int(x) for x in f[11:15]) / os.sysconf("SC_CLK_TCK")
+
 
 @dataclass
 class DeviceLab:

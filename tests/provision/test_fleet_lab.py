@@ -257,3 +257,21 @@ def test_host_cert_reload_runs_when_the_host_certificate_step_does(make_lab, tmp
     for d in lab.devices:
         assert len((d.root / "etc/appliance/sshd-reloaded").read_text().splitlines()) == 1
     capsys.readouterr()
+
+
+def test_every_command_has_a_deadline_and_failures_name_their_output(make_lab, tmp_path, capsys):
+    """A command that hangs is cut at command_timeout (retried once, then the device fails with
+    the reason); a command that fails reports its last line of stderr."""
+    lab = make_lab(2)
+    fleet_file = lab.fleet_toml(tmp_path / "fleet.toml", workers=2, command_timeout=1.5, retries=1, backoff=0.1,
+                                selftest=['case "$APPLIANCE_BOARD_FILE" in */SN0000/*) sleep 30;; '
+                                          '*) echo some output; echo "no runtime here" >&2; exit 3;; esac'])
+    t0 = time.monotonic()
+    assert main(["fleet", "apply", str(fleet_file), "--no-progress"]) == 1
+    assert time.monotonic() - t0 < 20
+    out = capsys.readouterr().out
+    assert "FAILED SN0000: selftest: command timed out after 1.5 s" in out and "(after 2 attempts)" in out
+    assert "FAILED SN0001: selftest: `case" in out and "exited 3: no runtime here" in out
+    inv = Inventory(f"sqlite:///{tmp_path}/inventory.sqlite", create=False)
+    assert inv.step_state("SN0000", "model") == "done" and inv.steps("SN0000")["selftest"]["attempts"] == 1
+    inv.close()
