@@ -31,6 +31,8 @@ def _parser() -> argparse.ArgumentParser:
     s.add_argument("--pool-size", type=int)
     s.add_argument("--num-threads", type=int)
     s.add_argument("--batching", choices=("auto", "on", "off"))
+    s.add_argument("--no-inline", dest="inline_when_idle", action="store_const", const=False,
+                   help="always invoke on a worker thread, even when the daemon is otherwise idle")
     s.add_argument("--reload-interval-s", type=float)
     s.add_argument("--max-body-bytes", type=int)
     s.add_argument("--no-affinity", action="store_true", help="do not pin to the board's big cores")
@@ -50,7 +52,7 @@ def build_config(a: argparse.Namespace) -> RuntimeConfig:
     defaults = {k: v for k, v in {
         "max_batch": a.max_batch, "max_wait_ms": a.max_wait_ms, "queue_size": a.queue_size,
         "timeout_s": a.timeout_s, "pool_size": a.pool_size, "num_threads": a.num_threads,
-        "batching": a.batching}.items()
+        "batching": a.batching, "inline_when_idle": a.inline_when_idle}.items()
         if v is not None}
     raw = {k: str(v) if isinstance(v, Path) else v for k, v in top.items()}
     if defaults:

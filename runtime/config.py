@@ -27,6 +27,7 @@ class ModelSettings:
     pool_size: int = 1           # interpreters (each runs one batch at a time)
     num_threads: int = 1         # TFLite threads per interpreter
     batching: str = "auto"       # auto: merge requests only if a measured batch is cheaper per row
+    inline_when_idle: bool = True  # invoke on the event loop thread when no other request is in
 
     def validate(self, where: str) -> "ModelSettings":
         checks = [
@@ -77,6 +78,11 @@ def _settings(raw: object, where: str, base: ModelSettings) -> ModelSettings:
     for k, v in raw.items():
         if k not in known:
             raise ConfigError(f"{where}.{k}: unknown setting (known: {', '.join(known)})")
+        if known[k].type == "bool":
+            if not isinstance(v, bool):
+                raise ConfigError(f"{where}.{k}: expected true or false, got {v!r}")
+            kw[k] = v
+            continue
         if known[k].type == "str":
             if not isinstance(v, str):
                 raise ConfigError(f"{where}.{k}: expected a string, got {v!r}")

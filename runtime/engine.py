@@ -1,16 +1,24 @@
 """Model runners: a pool of TFLite interpreters per model version, fed by a dynamic batcher.
 
-A request is one array whose leading dimension is its row count. The batcher takes the first
-queued request, waits up to ``max_wait_ms`` for more rows (up to ``max_batch``), concatenates
-them into one invoke and splits the output. It only forms a batch when an interpreter is free,
-so under load requests pile up in the queue and batches grow by themselves.
+A request is one array whose leading dimension is its row count. Requests wait in a bounded
+queue; a batch is formed only when an interpreter is free, so under load requests pile up and
+batches grow by themselves. When merging, the oldest queued request waits at most
+``max_wait_ms`` (from its arrival) for company, up to ``max_batch`` rows; the rows are
+concatenated into one invoke and the output is split.
+
+The dispatch is event-driven (no batcher task): a new request, a finished invoke and the
+max-wait timer each call ``_pump()``, so an idle model hands a request to a worker thread in
+the same event-loop step it arrived in, with no extra task switches (every loop iteration
+and thread wake-up is latency on a small CPU).
 
 Interpreters are not thread-safe: each one is used by one worker thread at a time (a free-list
-guarded by the pool semaphore). Inference runs in threads so the event loop keeps serving.
+of interpreter slots, one per pool member). Inference runs in threads so the event loop keeps
+serving while a model computes.
 """
 from __future__ import annotations
 
 import asyncio
+import collections
 import concurrent.futures
 import logging
 import threading
@@ -53,13 +61,24 @@ class TensorSpec:
 
 
 class _Item:
-    __slots__ = ("x", "future", "t0", "cancelled")
+    __slots__ = ("x", "rows", "want", "future", "t0", "t_start", "invoke_s")
 
-    def __init__(self, x: np.ndarray, future: asyncio.Future):
+    def __init__(self, x: np.ndarray, rows: int, want: tuple[int, ...], future: asyncio.Future):
         self.x = x
+        self.rows = rows
+        self.want = want                # output positions the caller needs
         self.future = future
-        self.t0 = time.perf_counter()
-        self.cancelled = False
+        self.t0 = time.perf_counter()   # arrival
+        self.t_start = 0.0              # handed to a worker
+        self.invoke_s = 0.0             # the interpreter's time for the batch it ran in
+
+
+@dataclass
+class Timing:
+    """Where one request's time went inside the runner (filled in by ``predict``)."""
+    queue_s: float = 0.0    # arrival -> handed to an interpreter
+    invoke_s: float = 0.0   # set_tensor + invoke + output copy of its batch
+    rows: int = 0           # rows in that batch
 
 
 def _time_invoke(it, index: int, x: np.ndarray, n: int) -> float:
@@ -142,13 +161,25 @@ class ModelRunner:
             else:
                 self.merge, self.batching_reason = self._measure_merge()
         self._lock = threading.Lock()
-        self._queue: asyncio.Queue[_Item] | None = None
-        self._task: asyncio.Task | None = None
-        self._sem: asyncio.Semaphore | None = None
+        self._pending: collections.deque[_Item] = collections.deque()
+        self._pending_rows = 0
+        self._idle = settings.pool_size        # interpreters not running a batch
+        self._inflight = 0                     # batches handed to workers, not yet delivered
+        self._timer: asyncio.TimerHandle | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._drained: asyncio.Event | None = None
         self._executor = concurrent.futures.ThreadPoolExecutor(
             max_workers=settings.pool_size, thread_name_prefix=f"tflite-{name}")
-        self._inflight: set[asyncio.Future] = set()
+        self._all_outputs = tuple(range(len(self._out_index)))
+        # Set by the server: true while the daemon handles no other request (see _pump).
+        self.inline_ok = None
         self.closed = False
+        self._queue_gauge = self._batch_hist = self._invoke_hist = self._inline_count = None
+        if metrics is not None:  # label lookups cost microseconds each: once, not per request
+            self._queue_gauge = metrics.queue_depth.labels(name)
+            self._inline_count = metrics.inline_invokes.labels(name)
+            self._batch_hist = metrics.batch_size.labels(name)
+            self._invoke_hist = metrics.invoke_seconds.labels(name)
 
     def _measure_merge(self) -> tuple[bool, str]:
         b = min(self.settings.max_batch, 4)
@@ -190,27 +221,23 @@ class ModelRunner:
 
     # ---- lifecycle (inside the event loop) ----
     def start(self) -> None:
-        self._queue = asyncio.Queue(maxsize=self.settings.queue_size)
-        self._sem = asyncio.Semaphore(self.settings.pool_size)
-        self._task = asyncio.get_running_loop().create_task(self._batch_loop(), name=f"batcher-{self.name}")
+        self._loop = asyncio.get_running_loop()
+        self._drained = asyncio.Event()
+        self._drained.set()
 
     async def close(self) -> None:
         """Stop taking requests, finish every queued and running one, then free the pool."""
         self.closed = True
-        if self._queue is not None:
-            await self._queue.join()
-        if self._inflight:
-            await asyncio.gather(*self._inflight, return_exceptions=True)
-        if self._task is not None:
-            self._task.cancel()
-            try:
-                await self._task
-            except asyncio.CancelledError:
-                pass
+        if self._drained is not None:
+            while self._pending or self._inflight:
+                self._drained.clear()
+                await self._drained.wait()
+        if self._timer is not None:
+            self._timer.cancel()
         self._executor.shutdown(wait=True)
 
     def queue_depth(self) -> int:
-        return self._queue.qsize() if self._queue is not None else 0
+        return len(self._pending)
 
     # ---- requests ----
     def check_input(self, x: np.ndarray) -> np.ndarray:
@@ -229,87 +256,142 @@ class ModelRunner:
             raise RequestError(400, f"input shape {list(x.shape)} does not match model input {list(spec.shape)}")
         return x
 
-    async def predict(self, x: np.ndarray) -> list[np.ndarray]:
+    async def predict(self, x: np.ndarray, timing: Timing | None = None,
+                      outputs: tuple[int, ...] | None = None) -> list[np.ndarray]:
+        """Run one request and return its outputs (all, or the positions in ``outputs``, in
+        that order: an output nobody asked for is never copied out of the interpreter, which
+        for e.g. a pose model's 900 KB of heatmaps is most of the per-request overhead).
+        ``timing``, if given, gets the request's queue and invoke times."""
         if self.closed:
             raise RunnerClosed()
         x = self.check_input(x)
-        fut = asyncio.get_running_loop().create_future()
-        item = _Item(x, fut)
+        if len(self._pending) >= self.settings.queue_size:
+            raise Overloaded(f"model {self.name}: queue full ({self.settings.queue_size})")
+        loop = self._loop
+        want = self._all_outputs if outputs is None else tuple(outputs)
+        item = _Item(x, x.shape[0] if self.batchable else 1, want, loop.create_future())
+        self._pending.append(item)
+        self._pending_rows += item.rows
+        self._pump()
+        fut = item.future
+        timer = None if fut.done() else loop.call_later(self.settings.timeout_s, self._expire, item)
         try:
-            self._queue.put_nowait(item)
-        except asyncio.QueueFull:
-            raise Overloaded(f"model {self.name}: queue full ({self.settings.queue_size})") from None
-        if self.metrics:
-            self.metrics.queue_depth.labels(self.name).set(self._queue.qsize())
-        try:
-            return await asyncio.wait_for(asyncio.shield(fut), self.settings.timeout_s)
-        except asyncio.TimeoutError:
-            item.cancelled = True  # the batcher drops it if it has not started yet
-            raise
+            outs = await fut
+        finally:
+            if timer is not None:
+                timer.cancel()
+            if not fut.done() or fut.cancelled():  # client went away: do not compute it
+                self._drop(item)
+        if timing is not None:
+            timing.queue_s = item.t_start - item.t0
+            timing.invoke_s = item.invoke_s
+        return outs
 
-    async def _batch_loop(self) -> None:
-        q = self._queue
+    def _expire(self, item: _Item) -> None:
+        if not item.future.done():
+            # A queued request is dropped; a running one finishes and its result is discarded.
+            item.future.set_exception(asyncio.TimeoutError())
+        self._drop(item)
+
+    def _drop(self, item: _Item) -> None:
+        try:
+            self._pending.remove(item)
+        except ValueError:
+            return  # already running or delivered
+        self._pending_rows -= item.rows
+        self._set_queue_gauge()
+        self._check_drained()
+
+    def _set_queue_gauge(self) -> None:
+        if self._queue_gauge is not None:
+            self._queue_gauge.set(len(self._pending))
+
+    def _check_drained(self) -> None:
+        if not self._pending and not self._inflight and self._drained is not None:
+            self._drained.set()
+
+    def _on_timer(self) -> None:
+        self._timer = None
+        self._pump()
+
+    def _pump(self) -> None:
+        """Hand queued requests to free interpreters (event loop only)."""
+        q = self._pending
         max_rows = self.settings.max_batch if self.merge else 1
-        wait = self.settings.max_wait_ms / 1000.0
-        loop = asyncio.get_running_loop()
-        while True:
-            await self._sem.acquire()
-            first = await q.get()
-            batch, rows = [first], first.x.shape[0] if self.batchable else 1
-            deadline = loop.time() + wait
-            while self.merge and rows < max_rows:
-                try:
-                    nxt = q.get_nowait()
-                except asyncio.QueueEmpty:
-                    remaining = deadline - loop.time()
-                    if remaining <= 0:
-                        break
-                    try:
-                        nxt = await asyncio.wait_for(q.get(), remaining)
-                    except asyncio.TimeoutError:
-                        break
-                if rows + nxt.x.shape[0] > max_rows:
-                    # Does not fit: run it first in the next batch (put back at the front).
-                    # (get() does not touch the unfinished-task count, so join() stays right.)
-                    q._queue.appendleft(nxt)  # noqa: SLF001 - asyncio.Queue has no push-front
+        while self._idle and q:
+            if self.merge and self._pending_rows < max_rows and self.settings.max_wait_ms > 0:
+                # Not a full batch yet: the oldest request may wait a little for company.
+                delay = q[0].t0 + self.settings.max_wait_ms / 1000.0 - time.perf_counter()
+                if delay > 0:
+                    if self._timer is None:
+                        self._timer = self._loop.call_later(delay, self._on_timer)
                     break
+            batch, rows = [], 0
+            while q:
+                nxt = q[0]
+                if batch and (not self.merge or rows + nxt.rows > max_rows):
+                    break  # does not fit: it leads the next batch
+                q.popleft()
+                self._pending_rows -= nxt.rows
+                if nxt.future.done():  # timed out or abandoned while queued
+                    continue
                 batch.append(nxt)
-                rows += nxt.x.shape[0]
-            live = [it for it in batch if not it.cancelled]
-            for it in batch:
-                if it.cancelled:
-                    q.task_done()
-            if self.metrics:
-                self.metrics.queue_depth.labels(self.name).set(q.qsize())
-            if not live:
-                self._sem.release()
+                rows += nxt.rows
+            if not batch:
                 continue
-            fut = loop.run_in_executor(self._executor, self._invoke, [it.x for it in live])
-            self._inflight.add(fut)
-            fut.add_done_callback(lambda f, live=live: self._deliver(f, live))
+            self._idle -= 1
+            self._inflight += 1
+            now = time.perf_counter()
+            for it in batch:
+                it.t_start = now
+            if not q and self._inflight == 1 and self.inline_ok is not None and self.inline_ok():
+                # Nothing else is going on in the whole daemon: run it right here on the event
+                # loop thread. The thread hand-off costs two wake-ups, and on a loaded CPU each
+                # wake-up waits for a time slice (measured: ~1 ms per request on this 2-core VM
+                # at load 4). A request that arrives meanwhile waits in the socket until this
+                # invoke ends; with more than one request in the daemon, workers are used.
+                if self._inline_count is not None:
+                    self._inline_count.inc()
+                self._deliver(batch, *self._run(batch))
+                continue
+            self._executor.submit(self._work, batch)
+        self._set_queue_gauge()
+        self._check_drained()
 
-    def _deliver(self, f: asyncio.Future, live: list[_Item]) -> None:
-        self._inflight.discard(f)
-        self._sem.release()
+    def _run(self, batch: list[_Item]):
         try:
-            outs = f.result()
+            want = batch[0].want if len(batch) == 1 else tuple(sorted({i for it in batch for i in it.want}))
+            return self._invoke([it.x for it in batch], want), None
         except Exception as e:  # an interpreter error is the server's fault
-            log.error("model %s: invoke failed: %s", self.name, e)
-            for it in live:
+            return None, e
+
+    def _work(self, batch: list[_Item]) -> None:
+        """Worker thread: run one batch, hand the result back to the event loop."""
+        self._loop.call_soon_threadsafe(self._deliver, batch, *self._run(batch))
+
+    def _deliver(self, batch: list[_Item], res, err: Exception | None) -> None:
+        self._idle += 1
+        self._inflight -= 1
+        self._pump()  # the interpreter starts on the next batch while we answer this one
+        if err is not None:
+            log.error("model %s: invoke failed: %s", self.name, err)
+            for it in batch:
                 if not it.future.done():
-                    it.future.set_exception(e)
-                self._queue.task_done()
+                    it.future.set_exception(err)
+            self._check_drained()
             return
+        outs, invoke_s = res
         start = 0
-        for it in live:
-            n = it.x.shape[0] if self.batchable else 1
-            res = [o[start:start + n] for o in outs] if self.batchable else outs
+        for it in batch:
+            n = it.rows
+            r = [outs[i][start:start + n] for i in it.want] if self.batchable else [outs[i] for i in it.want]
             start += n
+            it.invoke_s = invoke_s
             if not it.future.done():
-                it.future.set_result(res)
-            self._queue.task_done()
-        if self.metrics:
-            self.metrics.batch_size.labels(self.name).observe(start if self.batchable else 1)
+                it.future.set_result(r)
+        if self._batch_hist is not None:
+            self._batch_hist.observe(start)
+        self._check_drained()
 
     # ---- worker thread ----
     def _new_interpreter(self, rows: int):
@@ -318,7 +400,9 @@ class ModelRunner:
         it.allocate_tensors()
         return it
 
-    def _invoke(self, xs: list[np.ndarray]) -> list[np.ndarray]:
+    def _invoke(self, xs: list[np.ndarray], want: tuple[int, ...] | None = None
+                ) -> tuple[list[np.ndarray | None], float]:
+        """Run one batch; return (outputs, seconds). Outputs not in ``want`` are None."""
         with self._lock:
             slot = self._free.pop()
         try:
@@ -338,10 +422,14 @@ class ModelRunner:
             t0 = time.perf_counter()
             it.set_tensor(self._in_index, x)
             it.invoke()
-            outs = [it.get_tensor(i).copy() for i in self._out_index]
-            if self.metrics:
-                self.metrics.invoke_seconds.labels(self.name).observe(time.perf_counter() - t0)
-            return outs
+            want = self._all_outputs if want is None else want
+            outs = [None] * len(self._out_index)
+            for i in want:
+                outs[i] = it.get_tensor(self._out_index[i])  # get_tensor copies
+            dt = time.perf_counter() - t0
+            if self._invoke_hist is not None:
+                self._invoke_hist.observe(dt)
+            return outs, dt
         finally:
             with self._lock:
                 self._free.append(slot)

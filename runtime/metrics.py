@@ -51,6 +51,9 @@ class Metrics:
                                  ["model"], buckets=LATENCY_BUCKETS, registry=r)
         self.invoke_seconds = Histogram("appliance_runtime_invoke_seconds", "Interpreter invoke time",
                                         ["model"], buckets=LATENCY_BUCKETS, registry=r)
+        self.inline_invokes = Counter("appliance_runtime_inline_invokes",
+                                      "Invokes run on the event loop thread (daemon otherwise idle)",
+                                      ["model"], registry=r)
         self.batch_size = Histogram("appliance_runtime_batch_rows", "Rows per interpreter invoke",
                                     ["model"], buckets=BATCH_BUCKETS, registry=r)
         self.queue_depth = Gauge("appliance_runtime_queue_depth", "Requests waiting for a batch",
@@ -64,3 +67,20 @@ class Metrics:
         r.register(self.window)
         self.reloads = Counter("appliance_runtime_model_reloads", "Model versions swapped in",
                                ["model"], registry=r)
+        # labels() costs a few microseconds (lock, tuple, dict): the per-request metrics keep
+        # their children here. Bounded: the server labels unknown names "_unknown".
+        self._count_children: dict[tuple[str, int], object] = {}
+        self._latency_children: dict[str, object] = {}
+
+    def count(self, model: str, status: int) -> None:
+        c = self._count_children.get((model, status))
+        if c is None:
+            c = self._count_children[(model, status)] = self.requests.labels(model, str(status))
+        c.inc()
+
+    def observe_latency(self, model: str, seconds: float) -> None:
+        h = self._latency_children.get(model)
+        if h is None:
+            h = self._latency_children[model] = self.latency.labels(model)
+        h.observe(seconds)
+        self.window.observe(model, seconds)

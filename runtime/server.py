@@ -31,7 +31,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from . import sdnotify
 from .config import ConfigError, RuntimeConfig
-from .engine import ModelRunner, Overloaded, RequestError, RunnerClosed
+from .engine import ModelRunner, Overloaded, RequestError, RunnerClosed, Timing
 from .loader import DirectorySource, ModelSource, MultiSource
 from .metrics import Metrics
 
@@ -74,6 +74,14 @@ class ModelRegistry:
         self.failures: dict[str, str] = {}
         self._closing: set[asyncio.Task] = set()
         self._reload_lock = asyncio.Lock()
+        self.active = 0  # predict requests being handled (headers in, answer not yet built)
+
+    def _alone(self) -> bool:
+        # One request in a handler is not enough: under load the handlers of already received
+        # requests run one after another without ever overlapping. Callbacks waiting in the
+        # loop's ready queue are requests (or answers) in the pipeline. asyncio's default loop
+        # keeps them in `_ready`; another loop without it never runs inline.
+        return self.active <= 1 and not getattr(asyncio.get_running_loop(), "_ready", True)
 
     async def reload(self) -> None:
         """Load new and changed models, drop removed ones. Safe to call any time."""
@@ -124,6 +132,8 @@ class ModelRegistry:
                 self.metrics.model_ready.labels(name).set(0)
             return
         runner.start()
+        if self.cfg.settings_for(name).inline_when_idle:
+            runner.inline_ok = self._alone
         self.runners[name] = runner  # new requests go to the new version from here on
         self.failures.pop(name, None)
         self.metrics.load_seconds.labels(name).set(runner.load_seconds)
@@ -237,8 +247,9 @@ def make_app(registry: ModelRegistry, cfg: RuntimeConfig) -> web.Application:
         t0 = time.perf_counter()
         label = name if (name in registry.runners or name in registry.failures) else "_unknown"
         status = 500
+        registry.active += 1
         try:
-            resp = await _predict(request, name)
+            resp = await _predict(request, name, t0)
             status = resp.status
             return resp
         except RequestError as e:
@@ -254,18 +265,18 @@ def make_app(registry: ModelRegistry, cfg: RuntimeConfig) -> web.Application:
             status = e.status
             raise
         finally:
-            metrics.requests.labels(label, str(status)).inc()
+            registry.active -= 1
+            metrics.count(label, status)
             if status == 200:
-                dt = time.perf_counter() - t0
-                metrics.latency.labels(label).observe(dt)
-                metrics.window.observe(label, dt)
+                metrics.observe_latency(label, time.perf_counter() - t0)
 
-    async def _predict(request: web.Request, name: str) -> web.StreamResponse:
+    async def _predict(request: web.Request, name: str, t0: float) -> web.StreamResponse:
         runner = registry.runners.get(name)
         if runner is None:
             why = registry.failures.get(name)
             raise RequestError(404, f"model {name!r} is not loaded: {why}" if why else f"unknown model {name!r}")
         body = await request.read()  # client_max_size -> 413 before we get here
+        t_read = time.perf_counter()
         ctype = request.content_type
         raw = ctype == "application/octet-stream"
         if ctype == "application/json":
@@ -275,9 +286,11 @@ def make_app(registry: ModelRegistry, cfg: RuntimeConfig) -> web.Application:
         else:
             raise RequestError(415, f"Content-Type {ctype!r} not supported; use application/json "
                                     "or application/octet-stream")
+        timing = Timing()
         for _attempt in range(3):
             try:
-                outs = await runner.predict(x)
+                # A raw response carries output 0 only: the others are not even copied.
+                outs = await runner.predict(x, timing, (0,) if raw else None)
                 break
             except RunnerClosed:  # swapped by a hot reload between lookup and enqueue
                 runner = registry.runners.get(name)
@@ -285,17 +298,27 @@ def make_app(registry: ModelRegistry, cfg: RuntimeConfig) -> web.Application:
                     raise RequestError(404, f"model {name!r} was removed") from None
         else:
             raise RequestError(409, f"model {name!r} is reloading; retry")
+        # W3C Server-Timing: a client (or the benchmark) can tell the model's own time from
+        # the HTTP and queueing overhead of this very request.
+        # read = waiting for the body after the headers; handler = headers in -> answer built.
+        server_timing = (f"read;dur={(t_read - t0) * 1e3:.3f}, queue;dur={timing.queue_s * 1e3:.3f}, "
+                         f"invoke;dur={timing.invoke_s * 1e3:.3f}, "
+                         f"handler;dur={(time.perf_counter() - t0) * 1e3:.3f}")
         if raw:
-            o = np.ascontiguousarray(outs[0])
-            return web.Response(body=o.astype(o.dtype.newbyteorder("<"), copy=False).tobytes(),
+            o = outs[0]
+            if o.dtype.byteorder == ">":  # the wire format is little-endian
+                o = o.astype(o.dtype.newbyteorder("<"))
+            # The output is a private copy already (engine): hand its buffer over, no tobytes().
+            return web.Response(body=memoryview(np.ascontiguousarray(o)).cast("B"),
                                 content_type="application/octet-stream",
                                 headers={"X-Tensor-Shape": ",".join(map(str, o.shape)),
-                                         "X-Tensor-Dtype": o.dtype.name, "X-Model-Version": runner.version})
+                                         "X-Tensor-Dtype": o.dtype.name, "X-Model-Version": runner.version,
+                                         "Server-Timing": server_timing})
         return web.json_response({
             "model": name, "version": runner.version,
             "outputs": [o.tolist() for o in outs],
             "shapes": [list(o.shape) for o in outs], "dtypes": [o.dtype.name for o in outs],
-        })
+        }, headers={"Server-Timing": server_timing})
 
     async def list_models(_request):
         return web.json_response({"models": [r.describe() for _, r in sorted(registry.runners.items())]})

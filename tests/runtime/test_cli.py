@@ -41,6 +41,8 @@ def agent(*args, **kw):
     ({"max_body_bytes": 10}, "max_body_bytes"),
     ({"defaults": {"batching": "sometimes"}}, "defaults.batching"),
     ({"defaults": {"batching": 1}}, "defaults.batching"),
+    ({"defaults": {"inline_when_idle": "no"}}, "defaults.inline_when_idle: expected true or false"),
+    ({"models": {"fc": {"inline_when_idle": 0}}}, "models.fc.inline_when_idle"),
 ])
 def test_config_errors_name_the_field(raw, needle):
     with pytest.raises(ConfigError) as e:
@@ -55,6 +57,16 @@ def test_config_file_per_model_overrides(tmp_path):
     assert cfg.port == 9000 and cfg.defaults.max_batch == 4
     assert cfg.settings_for("fc").max_wait_ms == 7.5 and cfg.settings_for("fc").max_batch == 4
     assert cfg.settings_for("other").max_wait_ms == cfg.defaults.max_wait_ms
+
+
+def test_inline_when_idle_from_file_and_flag(tmp_path):
+    f = tmp_path / "rt.toml"
+    f.write_text('[defaults]\ninline_when_idle = false\n[models.fc]\ninline_when_idle = true\n')
+    cfg = from_mapping(load_file(f))
+    assert cfg.defaults.inline_when_idle is False and cfg.settings_for("fc").inline_when_idle is True
+    from appliance.runtime.cli import _parser, build_config
+    assert build_config(_parser().parse_args(["serve"])).defaults.inline_when_idle is True
+    assert build_config(_parser().parse_args(["serve", "--no-inline"])).defaults.inline_when_idle is False
 
 
 def test_directory_source(tmp_path):

@@ -366,3 +366,132 @@ def test_latency_window_quantiles_are_exact():
     assert metric(text, "appliance_runtime_request_latency_window_seconds", model="a", quantile="0.5") == pytest.approx(0.0505)
     assert metric(text, "appliance_runtime_request_latency_window_seconds", model="a", quantile="0.99") == pytest.approx(0.09901)
     assert metric(text, "appliance_runtime_request_latency_window_seconds", model="b", quantile="0.5") == 0.5
+
+
+def _timing(resp) -> dict:
+    return {k: float(v) for k, v in
+            (part.strip().split(";dur=") for part in resp.headers["Server-Timing"].split(","))}
+
+
+def test_server_timing_header_splits_the_request(model_dir):
+    async def t():
+        async with serving(config(model_dir)) as (_srv, s):
+            for kw in ({"json": {"inputs": [[1.0] * 16]}},
+                       {"data": np.ones((1, 16), "<f4").tobytes(),
+                        "headers": {"Content-Type": "application/octet-stream"}}):
+                r = await s.post("/v1/models/fc:predict", **kw)
+                assert r.status == 200
+                st = _timing(r)
+                assert set(st) == {"read", "queue", "invoke", "handler"}
+                assert st["invoke"] > 0 and st["queue"] >= 0 and st["read"] >= 0
+                assert st["handler"] >= st["invoke"] + st["queue"]
+    run(t())
+
+
+@pytest.mark.parametrize("inline", [True, False])
+def test_lone_requests_run_inline_unless_disabled(model_dir, inline):
+    # An idle daemon runs a request on the event loop thread (no thread hand-off); the
+    # answers are the same either way.
+    async def t():
+        async with serving(config(model_dir, inline_when_idle=inline)) as (srv, s):
+            x = np.linspace(-1, 1, 16, dtype=np.float32).reshape(1, 16)
+            for _ in range(5):
+                r = await s.post("/v1/models/fc:predict", json={"inputs": x.tolist()})
+                assert r.status == 200
+                np.testing.assert_allclose(np.array((await r.json())["outputs"][0], np.float32),
+                                           tinymodels.reference_output(F32, x), rtol=1e-5, atol=1e-5)
+            text = await (await s.get("/metrics")).text()
+            assert metric(text, "appliance_runtime_inline_invokes_total", model="fc") == (5 if inline else 0)
+            threads = srv.registry.runners["fc"]._executor._threads  # noqa: SLF001
+            assert (len(threads) == 0) is inline
+    run(t())
+
+
+def test_concurrent_requests_are_not_run_inline(tmp_path):
+    # 32 requests in flight at once: at most the very first may run inline, the others must
+    # be queued and batched, or the event loop would serialise the whole load.
+    (tmp_path / "fc.tflite").write_bytes(F32)
+
+    async def t():
+        async with serving(config(tmp_path, max_batch=32, max_wait_ms=0, queue_size=256, batching="on")) as (_srv, s):
+            body = np.ones((1, 16), "<f4").tobytes()
+            hdr = {"Content-Type": "application/octet-stream"}
+            rs = await asyncio.gather(*(s.post("/v1/models/fc:predict", data=body, headers=hdr) for _ in range(32)))
+            assert all(r.status == 200 for r in rs)
+            text = await (await s.get("/metrics")).text()
+            assert metric(text, "appliance_runtime_inline_invokes_total", model="fc") <= 1
+            assert metric(text, "appliance_runtime_batch_rows_count", model="fc") < 32
+    run(t())
+
+
+def test_runner_max_wait_counts_from_arrival_and_a_full_batch_goes_at_once():
+    from appliance.runtime.config import ModelSettings
+    from appliance.runtime.engine import ModelRunner, Timing
+
+    async def t():
+        r = ModelRunner("fc", "1", F32, ModelSettings(max_batch=4, max_wait_ms=300, batching="on"))
+        r.start()
+        try:
+            x = np.ones((1, 16), np.float32)
+            # A lone request waits max_wait for company before it runs.
+            tm = Timing()
+            await r.predict(x, tm)
+            assert tm.queue_s >= 0.29
+            # Four rows fill a batch: dispatched at once, one invoke, nobody waits max_wait.
+            tms = [Timing() for _ in range(4)]
+            outs = await asyncio.gather(*(r.predict(x * i, tm) for i, tm in enumerate(tms)))
+            for i, o in enumerate(outs):
+                np.testing.assert_allclose(o[0], tinymodels.reference_output(F32, x * i), rtol=1e-5, atol=1e-5)
+            assert all(tm.queue_s < 0.29 for tm in tms)
+            assert len({tm.invoke_s for tm in tms}) == 1  # the same invoke
+        finally:
+            await r.close()
+    run(t())
+
+
+def test_runner_returns_only_the_outputs_asked_for():
+    from appliance.runtime.config import ModelSettings
+    from appliance.runtime.engine import ModelRunner
+
+    async def t():
+        r = ModelRunner("fc", "1", F32, ModelSettings())
+        r.start()
+        try:
+            x = np.ones((2, 16), np.float32)
+            full = await r.predict(x)
+            assert len(full) == 1 and full[0].shape == (2, 4)
+            assert await r.predict(x, outputs=()) == []
+            (o0,) = await r.predict(x, outputs=(0,))
+            np.testing.assert_array_equal(o0, full[0])
+            o0[:] = 0  # a private copy: scribbling on it changes no later answer
+            np.testing.assert_array_equal((await r.predict(x))[0], full[0])
+        finally:
+            await r.close()
+    run(t())
+
+
+def test_runner_close_waits_for_queued_requests_and_a_timed_out_one_is_dropped():
+    from appliance.runtime.config import ModelSettings
+    from appliance.runtime.engine import ModelRunner, RunnerClosed
+
+    async def t():
+        r = ModelRunner("fc", "1", F32, ModelSettings(max_batch=4, max_wait_ms=200, batching="on", timeout_s=0.05))
+        r.start()
+        x = np.ones((1, 16), np.float32)
+        with pytest.raises(asyncio.TimeoutError):
+            await r.predict(x)  # waits 200 ms for company, times out after 50 ms
+        assert r.queue_depth() == 0  # dropped from the queue, never invoked
+        r2 = ModelRunner("fc", "1", F32, ModelSettings(max_batch=4, max_wait_ms=100, batching="on"))
+        r2.start()
+        pending = [asyncio.ensure_future(r2.predict(x)) for _ in range(3)]
+        await asyncio.sleep(0)
+        assert r2.queue_depth() == 3
+        await r2.close()  # drains: every queued request is answered before it returns
+        assert r2.queue_depth() == 0 and r2._inflight == 0  # noqa: SLF001
+        outs = await asyncio.wait_for(asyncio.gather(*pending), 5)
+        for (o,) in outs:
+            np.testing.assert_allclose(o, tinymodels.reference_output(F32, x), rtol=1e-5, atol=1e-5)
+        with pytest.raises(RunnerClosed):
+            await r2.predict(x)
+        await r.close()
+    run(t())
