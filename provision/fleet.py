@@ -28,6 +28,7 @@ import sys
 import tempfile
 import threading
 import time
+import urllib.parse
 from concurrent.futures import ThreadPoolExecutor, as_completed
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -126,10 +127,20 @@ class DeviceRun:
         return f"{self.dev.serial} ({self.dev.address}:{self.dev.port})"
 
     def run(self, cmd: str, ok_codes: tuple[int, ...] = (0,)) -> str:
+        rc, out, err = self.call(cmd)
+        out = out.decode(errors="replace")
+        if rc not in ok_codes:
+            lines = ([ln for ln in err.splitlines() if ln.strip()]  # the reason, if it gave one
+                     or [ln for ln in out.splitlines() if ln.strip()])
+            raise StepFailed(f"`{cmd[:100]}` exited {rc}: {lines[-1] if lines else 'no output'}")
+        return out
+
+    def call(self, cmd: str, stdin: bytes = b"") -> tuple[int, bytes, str]:
+        """(exit status, stdout bytes, stderr text) of CMD; a lost link or a deadline is Retryable."""
         if self.conn is None:
             self.connect()
         try:
-            rc, out, err = self._exec(cmd)
+            rc, out, err = self._exec(cmd, stdin)
         except socket.timeout:
             raise Retryable(f"command timed out after {self.f.command_timeout:g} s: {cmd[:80]}") from None
         except (OSError, EOFError) as e:
@@ -140,20 +151,16 @@ class DeviceRun:
             raise
         if rc == -1 or rc is None:  # the session died under the command
             raise Retryable(f"session lost during: {cmd[:80]}")
-        if rc not in ok_codes:
-            lines = ([ln for ln in err.splitlines() if ln.strip()]  # the reason, if it gave one
-                     or [ln for ln in out.splitlines() if ln.strip()])
-            raise StepFailed(f"`{cmd[:100]}` exited {rc}: {lines[-1] if lines else 'no output'}")
-        return out
+        return rc, out, err.decode(errors="replace")
 
-    def _exec(self, cmd: str) -> tuple[int, str, str]:
+    def _exec(self, cmd: str, stdin: bytes = b"") -> tuple[int, bytes, bytes]:
         """Run CMD in a new channel of the open connection: (exit status, stdout, stderr).
 
         Straight on the Paramiko channel of the fabric Connection, not `Connection.run`:
         invoke's runner starts three I/O threads per command and polls for the end in 10 ms
         sleeps, which cost ~50 ms per command here (measured: `cat` of a file 57 ms through
         it, 5 ms on the channel). The whole command, output included, must finish within
-        command_timeout (socket.timeout otherwise). stdin gets EOF at once. stdout is read
+        command_timeout (socket.timeout otherwise). stdin gets STDIN, then EOF. stdout is read
         as it comes; stderr is buffered by Paramiko meanwhile (our commands write little)."""
         deadline = time.monotonic() + self.f.command_timeout
         left = lambda: max(0.01, deadline - time.monotonic())  # noqa: E731
@@ -161,6 +168,8 @@ class DeviceRun:
         try:
             ch.settimeout(left())
             ch.exec_command(cmd)
+            if stdin:
+                ch.sendall(stdin)
             ch.shutdown_write()
             out, err = [], []
             while True:
@@ -177,8 +186,7 @@ class DeviceRun:
                 err.append(b)
             if not ch.status_event.wait(left()):
                 raise socket.timeout("no exit status")
-            return (ch.exit_status, b"".join(out).decode(errors="replace"),
-                    b"".join(err).decode(errors="replace"))
+            return ch.exit_status, b"".join(out), b"".join(err)
         finally:
             ch.close()
 
@@ -401,8 +409,74 @@ class DeviceRun:
             cmd = tmpl.format(**fmt)
             res = self.run(cmd).strip().splitlines()
             out.append(f"{cmd}: {res[-1] if res else 'ok'}")
+        port = self.dev.runtime_port or self.f.runtime_port
+        if port and self.fleet.model:
+            out.append(self._predict(port))
         text = "; ".join(out) or "no self-test configured"
         return {"selftest": text[:1000]}, text
+
+    def _http(self, port: int, method: str, path: str, body: bytes = b"",
+              headers: dict | None = None) -> tuple[int, dict, bytes] | None:
+        """One HTTP request made on the device to its 127.0.0.1:PORT; None if nothing listens."""
+        from . import predict  # numpy: only for fleets with a prediction self-test
+
+        rc, out, err = self.call(predict.http_command(port, method, path, len(body), headers,
+                                                      timeout=self.f.command_timeout), stdin=body)
+        if rc == predict.REFUSED:
+            return None
+        if rc != 0:
+            why = [ln for ln in err.splitlines() if ln.strip()]
+            raise StepFailed(f"{self.where}: HTTP {method} {path} on the device failed (exit {rc}"
+                             f"{': ' + why[-1] if why else ''})")
+        return predict.parse_http(out)
+
+    def _predict(self, port: int) -> str:
+        """The runtime on the device answers a prediction of the model delivered to it."""
+        from . import predict
+
+        m = self.fleet.model
+        name = urllib.parse.quote(m.name, safe="")
+        mine = self.packager.marked(self.dev.device_id)  # what this device was sent
+        x, want = predict.expected_output(mine)
+        deadline = time.monotonic() + self.f.predict_wait
+        last = "nothing listening"
+        while True:  # the runtime picks a new model up by hot reload (or the reload a self-test ran)
+            r = self._http(port, "GET", f"/readyz/{name}")
+            if r is not None:
+                status, _, body = r
+                try:
+                    state = json.loads(body).get(m.name) or {}
+                except (ValueError, AttributeError):
+                    state = {}
+                if status == 200 and state.get("version") == m.version:
+                    break
+                last = f"HTTP {status} {' '.join(body.decode(errors='replace').split())[:160]}"
+            if time.monotonic() >= deadline:
+                raise StepFailed(f"{self.where}: the runtime on 127.0.0.1:{port} does not serve {m.name} "
+                                 f"{m.version} after {self.f.predict_wait:g} s ({last})")
+            time.sleep(0.5)
+        body = predict.encode_input(x)
+        status, hdrs, answer = self._http(port, "POST", f"/v1/models/{name}:predict", body, {
+            "Content-Type": "application/octet-stream", "X-Tensor-Shape": ",".join(map(str, x.shape))}) \
+            or (0, {}, b"runtime stopped listening")
+        if status != 200:
+            raise StepFailed(f"{self.where}: runtime prediction of {m.name} answered HTTP {status}: "
+                             f"{' '.join(answer.decode(errors='replace').split())[:160]}")
+        got = predict.decode_output(hdrs, answer)
+        served = hdrs.get("x-model-version")
+        off = predict.mismatch(got, want)
+        if served != m.version or off > 1:
+            raise StepFailed(f"{self.where}: the runtime's prediction ({m.name} {served}, shape {list(got.shape)}) "
+                             f"is not this device's model's ({m.version}, shape {list(want.shape)}): "
+                             f"{off:.3g}x the tolerance off")
+        # For the record: how far the answer of the unmarked model would have been.
+        _, plain = predict.expected_output(self.packager.content)
+        mark = predict.mismatch(plain, want)
+        self.inv.event(self.dev.serial, "prediction", {
+            "port": port, "version": served, "shape": list(got.shape),
+            "off_vs_expected": off, "unmarked_off": mark})
+        return (f"runtime prediction {m.name} {served} on 127.0.0.1:{port}: output {list(got.shape)} matches "
+                f"this device's model ({off:.2g}x tolerance; the unmarked model's is {mark:.2g}x)")
 
     # -- driver ---------------------------------------------------------------
     def execute(self) -> None:

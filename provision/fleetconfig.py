@@ -22,6 +22,10 @@
                                 # so sshd presents it (the image: "systemctl reload ssh.service")
     client_key = "/etc/appliance/ssh/id_ed25519"
     upload_dir = "/var/tmp"
+    runtime_port = 0            # > 0: the self-test also asks the device's runtime on its
+                                # 127.0.0.1:PORT (the image: 8500) for a prediction of the
+                                # delivered model and checks it against the station's own
+    predict_wait = 60           # seconds to wait for the runtime to serve the new version
 
     [ca]
     key = "ca/factory_ca"       # factory SSH CA private key; never leaves the station
@@ -45,6 +49,7 @@
     hostname = "edge-0001"      # default: edge-<serial>
     device_id = "0x0000000000000001"   # 64-bit; default: derived from the serial
     root = "/"                  # where device files live (tests: a per-device directory)
+    runtime_port = 8500         # optional: this device's runtime port (default fleet.runtime_port)
 """
 
 from __future__ import annotations
@@ -89,6 +94,8 @@ class FleetSettings(_Strict):
     host_cert_reload: str = ""  # e.g. "systemctl reload ssh.service": sshd reads certificates at start
     client_key: str = "/etc/appliance/ssh/id_ed25519"  # made on the device; -cert.pub next to it
     upload_dir: str = "/var/tmp"  # scratch space for model packages
+    runtime_port: int = Field(0, ge=0, le=65535)  # 0: no prediction self-test
+    predict_wait: float = Field(60.0, ge=0)
 
     @field_validator("hostname_file", "identity_dir", "host_key", "client_key", "upload_dir", "manifest_path")
     @classmethod
@@ -129,6 +136,7 @@ class Device(_Strict):
     hostname: str = ""
     device_id: str = ""
     root: str = "/"
+    runtime_port: int | None = Field(None, ge=1, le=65535)
 
     @field_validator("serial")
     @classmethod

@@ -66,6 +66,8 @@ class LabDevice:
     port: int
     root: Path
     proc: subprocess.Popen | None = None
+    env: dict = field(default_factory=dict)  # what its sshd gives every session (SetEnv)
+    runtime: subprocess.Popen | None = None
 
     @property
     def config(self) -> Path:
@@ -146,6 +148,7 @@ class DeviceLab:
             "APPLIANCE_VENDOR_KEY": f"{r}/etc/appliance/vendor-ed25519.pub",
             "APPLIANCE_BOARD_FILE": f"{r}/etc/appliance/board.json",
         }
+        dev.env = env
         dev.config.write_text("\n".join([
             f"Port {dev.port}", "ListenAddress 127.0.0.1", f"HostKey {hk}",
             f"HostCertificate {hk}-cert.pub" if (r / "etc/ssh/ssh_host_ed25519_key-cert.pub").exists() else "",
@@ -159,6 +162,20 @@ class DeviceLab:
         log = open(dev.root / "run" / "sshd.log", "ab")
         dev.proc = subprocess.Popen(["/usr/sbin/sshd", "-D", "-e", "-f", str(dev.config)],
                                     stdin=subprocess.DEVNULL, stdout=log, stderr=log, start_new_session=True)
+        log.close()
+
+    def start_runtime(self, dev: LabDevice, port: int, reload_s: float = 0.5) -> None:
+        """The device's inference runtime (`appliance-agent runtime serve`) on 127.0.0.1:PORT,
+        serving the device's secure store with its token, as the image's runtime unit does;
+        it picks up newly installed models by its hot reload (every RELOAD_S)."""
+        log = open(dev.root / "run" / "runtime.log", "ab")
+        dev.runtime = subprocess.Popen(
+            [str(Path(sys.executable).parent / "appliance-agent"), "runtime", "serve",
+             "--store-dir", dev.env["APPLIANCE_STORE_DIR"], "--board-json", dev.env["APPLIANCE_BOARD_FILE"],
+             "--host", "127.0.0.1", "--port", str(port), "--reload-interval-s", str(reload_s),
+             "--num-threads", "1", "--no-affinity", "--log-level", "WARNING"],
+            env={**os.environ, **dev.env}, stdin=subprocess.DEVNULL, stdout=log, stderr=log,
+            start_new_session=True)
         log.close()
 
     def wait_listening(self, devs: list[LabDevice], timeout: float = 20) -> None:
@@ -178,7 +195,11 @@ class DeviceLab:
         self.wait_listening(self.devices)
 
     def kill(self, dev: LabDevice) -> None:
-        """Power cut: the sshd and every session under it die at once."""
+        """Power cut: the sshd, every session under it and the runtime die at once."""
+        if dev.runtime is not None:
+            dev.runtime.kill()
+            dev.runtime.wait(10)
+            dev.runtime = None
         if dev.proc is None:
             return
         pids = [dev.proc.pid] + descendants(dev.proc.pid)

@@ -95,6 +95,8 @@ host_key = "/data/ssh/etc/ssh/ssh_host_ed25519_key.pub"
 host_cert_reload = "systemctl reload ssh.service"
 client_key = "/data/appliance/ssh/id_ed25519"
 upload_dir = "/var/tmp"
+runtime_port = 8500         # the self-test asks the image's runtime, from the device
+predict_wait = 300
 
 [ca]
 key = "{ssh_ca.key}"
@@ -172,6 +174,8 @@ def test_fleet_apply_configures_the_booted_image(image, ssh_ca, station, tmp_pat
         rec = inv.get(SERIAL)
         assert rec["state"] == "done" and rec["image_version"] == cfg.image_version
         assert rec["watermark_id"] == DEVICE_ID[2:] and "store check" in rec["selftest"]
+        assert ("runtime prediction detector 1.0.0 on 127.0.0.1:8500: output [1, 64] matches this "
+                "device's model") in rec["selftest"], rec["selftest"]
 
         # On the device: identity files, the client certificate for its own key, the model in the store.
         r = ssh(port, k / "id", "cat /data/appliance/hostname /data/appliance/device-id /data/appliance/serial; "
@@ -211,7 +215,8 @@ def test_fleet_apply_configures_the_booted_image(image, ssh_ca, station, tmp_pat
         timings["reapply"] = time.monotonic() - t0
         capsys.readouterr()
         kinds = sorted(e["kind"] for e in inv.events(SERIAL))
-        assert kinds == sorted(["device-key", "host-cert-issued", "client-cert-issued", "model-packaged"]), kinds
+        assert kinds == sorted(["device-key", "host-cert-issued", "client-cert-issued", "model-packaged",
+                                "prediction"]), kinds
         assert inv.get(SERIAL)["host_cert"] == rec["host_cert"]
     print(f"fleet apply on the booted production image: boot to SSH {timings['boot']:.0f} s, "
           f"first apply {timings['apply']:.1f} s, second apply {timings['reapply']:.1f} s")

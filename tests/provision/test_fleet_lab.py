@@ -275,3 +275,40 @@ def test_every_command_has_a_deadline_and_failures_name_their_output(make_lab, t
     inv = Inventory(f"sqlite:///{tmp_path}/inventory.sqlite", create=False)
     assert inv.step_state("SN0000", "model") == "done" and inv.steps("SN0000")["selftest"]["attempts"] == 1
     inv.close()
+
+
+def test_selftest_asks_the_devices_runtime_for_a_prediction(make_lab, keys, tmp_path, capsys):
+    """runtime_port: each device's own runtime (a real `appliance-agent runtime serve` over its
+    secure store) is asked, from the device, for a prediction of the model just delivered; the
+    answer must be this device's (watermarked) model's. SN0002's port leads to SN0000's runtime:
+    a runtime serving another device's copy is caught by its answer. SN0003 has no runtime."""
+    from appliance.provision.testlab import _free_ports
+
+    lab = make_lab(4)
+    ports = _free_ports(3)
+    for d, port in zip(lab.devices, ports[:2]):
+        lab.start_runtime(d, port)
+    fleet_file = lab.fleet_toml(tmp_path / "fleet.toml", model=model_cfg(keys), workers=4, predict_wait=8,
+                                selftest=[])
+    text = fleet_file.read_text()
+    dev_ports = [ports[0], ports[1], ports[0], ports[2]]
+    for d, port in zip(lab.devices, dev_ports):
+        text = text.replace(f'serial = "{d.serial}"', f'serial = "{d.serial}"\nruntime_port = {port}')
+    fleet_file.write_text(text)
+    assert main(["fleet", "apply", str(fleet_file), "--no-progress"]) == 1
+    out = capsys.readouterr().out
+    assert "2 done, 2 failed of 4" in out
+    assert "FAILED SN0002: selftest:" in out and "is not this device's model's (1.0.0" in out
+    assert (f"FAILED SN0003: selftest: SN0003 (127.0.0.1:{lab.devices[3].port}): the runtime on "
+            f"127.0.0.1:{ports[2]} does not serve detector 1.0.0 after 8 s (nothing listening)") in out
+    inv = Inventory(f"sqlite:///{tmp_path}/inventory.sqlite", create=False)
+    for d in lab.devices[:2]:
+        rec = inv.get(d.serial)
+        assert rec["state"] == "done"
+        assert f"runtime prediction detector 1.0.0 on 127.0.0.1:{dev_ports[d.index]}: output [1, 64] " \
+               "matches this device's model" in rec["selftest"]
+        ev = json.loads(inv.events(d.serial, "prediction")[0]["detail"])
+        # the watermark moves the answer by more than the tolerance: the check tells copies apart
+        assert ev["off_vs_expected"] <= 1 < ev["unmarked_off"]
+    assert inv.step_state("SN0002", "model") == "done" and inv.step_state("SN0002", "selftest") == "failed"
+    inv.close()
