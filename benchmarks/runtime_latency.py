@@ -126,8 +126,12 @@ class RawClient:
         self.s = socket.create_connection(("127.0.0.1", port))
         self.s.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         self.poll = poll
-        self.req = (f"POST {path} HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: {ctype}\r\n"
-                    f"Content-Length: {len(body)}\r\n\r\n").encode() + body
+        # X-Busy-Us (fixed width, patched in place) tells the floor server how long to compute;
+        # the daemon ignores it, so both get byte-for-byte the same kind of request.
+        head = (f"POST {path} HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: {ctype}\r\n"
+                f"X-Busy-Us: 00000000\r\nContent-Length: {len(body)}\r\n\r\n").encode()
+        self.req = bytearray(head + body)
+        self._busy_at = head.index(b"X-Busy-Us: ") + len(b"X-Busy-Us: ")
         self.buf = bytearray(1 << 24)
         self.mv = memoryview(self.buf)
 
@@ -140,7 +144,8 @@ class RawClient:
             except BlockingIOError:
                 pass
 
-    def post(self) -> tuple[int, str, memoryview]:
+    def post(self, busy_s: float = 0.0) -> tuple[int, str, memoryview]:
+        self.req[self._busy_at:self._busy_at + 8] = b"%08d" % min(int(busy_s * 1e6), 99_999_999)
         self.s.sendall(self.req)
         n = 0
         while True:
@@ -164,6 +169,54 @@ class RawClient:
 def server_timing(head: str, key: str) -> float:
     """Seconds of `key` in a Server-Timing header (`invoke;dur=2.310` is in ms)."""
     return float(re.search(rf"(?i)\r\nserver-timing:[^\r]*\b{key};dur=([0-9.]+)", head).group(1)) / 1e3
+
+
+def floor_server(port_file: str) -> int:
+    """The floor: a bare aiohttp app (same library, no model, no metrics) that reads the body
+    and then computes, on its event loop, exactly as long as the client says (X-Busy-Us: the
+    in-process invoke it has just timed). Its latency minus that time is what any HTTP daemon
+    on this library pays here for the socket round trip, the body transfer and the wake-ups
+    of a client that waits while the server computes (section 1 explains)."""
+    from aiohttp import web
+
+    async def handle(request):
+        await request.read()
+        busy = int(request.headers.get("X-Busy-Us", "0")) / 1e6
+        t0 = time.perf_counter()
+        while time.perf_counter() - t0 < busy:
+            pass
+        return web.Response(body=bytes(64), content_type="application/octet-stream")
+
+    async def run():
+        app = web.Application(client_max_size=64 << 20)
+        app.router.add_post("/v1/models/{name}:predict", handle)
+        runner = web.AppRunner(app, access_log=None)
+        await runner.setup()
+        site = web.TCPSite(runner, "127.0.0.1", 0)
+        await site.start()
+        tmp = port_file + ".tmp"
+        Path(tmp).write_text(str(site._server.sockets[0].getsockname()[1]))  # noqa: SLF001
+        os.replace(tmp, port_file)
+        await asyncio.Event().wait()
+
+    asyncio.run(run())
+    return 0
+
+
+class FloorServer:
+    def __init__(self):
+        d = Path(tempfile.mkdtemp(prefix="rt-bench-floor-"))
+        pf = d / "port"
+        self.p = subprocess.Popen([sys.executable, __file__, "--floor-server", str(pf)])
+        while not pf.exists():
+            if self.p.poll() is not None:
+                raise SystemExit("floor server exited")
+            time.sleep(0.01)
+        self.port = int(pf.read_text())
+
+    def stop(self):
+        self.p.terminate()
+        self.p.wait(10)
 
 
 def raw_post(conn: http.client.HTTPConnection, name: str, body: bytes) -> bytes:
@@ -190,6 +243,8 @@ def bench_latency(model_path: Path, n: int) -> dict:
                     "--pool-size", "1", "--num-threads", "1", "--max-wait-ms", "0", "--no-affinity")
     body = x.astype("<f4").tobytes()
     client = RawClient(daemon.port, "/v1/models/m:predict", body)
+    floor = FloorServer()
+    fclient = RawClient(floor.port, "/v1/models/m:predict", body)
     want = None
     for _ in range(10):
         it.set_tensor(d["index"], x)
@@ -199,7 +254,9 @@ def bench_latency(model_path: Path, n: int) -> dict:
         assert status == 200, bytes(out[:200])
     got = np.frombuffer(out, "<f4").reshape(want.shape)
     np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-4)  # the daemon computes the same thing
-    inv, pred, web, dmn = [], [], [], []
+    for _ in range(5):
+        fclient.post(0.001)
+    inv, pred, web, dmn, flo = [], [], [], [], []
     # Strictly alternating in-process / HTTP, so both see the same machine load (2 shared cores).
     for _ in range(n):
         t0 = time.perf_counter()
@@ -217,9 +274,14 @@ def bench_latency(model_path: Path, n: int) -> dict:
         if status != 200:
             raise RuntimeError(f"HTTP {status}")
         dmn.append(server_timing(head, "invoke"))
+        t = time.perf_counter()
+        fclient.post(inv[-1])
+        flo.append(time.perf_counter() - t)
     client.close()
+    fclient.close()
     daemon.stop()
-    return {"invoke": inv, "predict": pred, "http": web, "daemon": dmn, "body_bytes": len(body)}
+    floor.stop()
+    return {"invoke": inv, "predict": pred, "http": web, "daemon": dmn, "floor": flo, "body_bytes": len(body)}
 
 
 async def _throughput_round(port: int, name: str, body: bytes, clients: int, seconds: float) -> tuple[int, list]:
@@ -368,16 +430,19 @@ def print_latency(mods: Path, quick: bool) -> None:
           "alternating; ms")
     print("| model (mediapipe 0.10.14) | n | raw invoke p50 | raw predict p50 | HTTP p50 | "
           "**HTTP / raw invoke p50 (<= 1.05)** | HTTP / raw predict p50 | daemon invoke p50 | "
-          "daemon invoke / raw predict | HTTP - daemon invoke p50 | raw invoke p99 | HTTP p99 | p99 ratio | load |")
-    print("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|")
+          "daemon invoke / raw predict | HTTP - daemon invoke p50 | floor p50 | floor / raw invoke | "
+          "HTTP - floor p50 | raw invoke p99 | HTTP p99 | p99 ratio | load |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|")
     for name in (QUICK_LATENCY_MODELS if quick else LATENCY_MODELS):
         n = 60 if quick else 200
         r = bench_latency(mods / f"{name}.tflite", n)
         inv, pred, web, dmn = (pct(r[k], 50) * 1e3 for k in ("invoke", "predict", "http", "daemon"))
         over = pct(np.subtract(r["http"], r["daemon"]), 50) * 1e3
         inv99, web99 = pct(r["invoke"], 99) * 1e3, pct(r["http"], 99) * 1e3
+        flo = pct(r["floor"], 50) * 1e3
         print(f"| {name} ({r['body_bytes'] // 1024} KiB in) | {n} | {inv:.2f} | {pred:.2f} | {web:.2f} | "
               f"**{web / inv:.3f}** | {web / pred:.3f} | {dmn:.2f} | {dmn / pred:.3f} | {over:.2f} | "
+              f"{flo:.2f} | {flo / inv:.3f} | {web - flo:.2f} | "
               f"{inv99:.2f} | {web99:.2f} | {web99 / inv99:.3f} | {load()} |", flush=True)
     print()
 
@@ -387,8 +452,12 @@ def print_throughput(mods: Path, quick: bool) -> None:
     gen = "wrk -t1 -c32 (C)" if shutil.which("wrk") else "aiohttp client (wrk not installed!)"
     for label, content in ((f"{THROUGHPUT_MODEL}.tflite (mediapipe, conv net)",
                             (mods / f"{THROUGHPUT_MODEL}.tflite").read_bytes()),
-                           ("tinymodels fully_connected_f32(1024, 1024) (weight-bound, 4 MB)",
-                            tinymodels.fully_connected_f32(1024, 1024))):
+                           ("tinymodels fully_connected_f32(1024, 1024) (4 MB of weights, ~0.04 ms invoke)",
+                            tinymodels.fully_connected_f32(1024, 1024)),
+                           ("tinymodels fully_connected_f32(2048, 2048) (16 MB of weights, ~0.23 ms invoke)",
+                            tinymodels.fully_connected_f32(2048, 2048)),
+                           ("tinymodels fully_connected_f32(2048, 4096) (32 MB of weights, ~0.9 ms invoke)",
+                            tinymodels.fully_connected_f32(2048, 4096))):
         t = bench_throughput(content, clients=32, seconds=secs, rounds=rounds)
         base = statistics.median(t[MODES[-1][0]]["rps"])
         print(f"## 2. throughput, 32 concurrent clients ({gen}): {label}, {rounds} round(s) x {secs} s, "
@@ -404,7 +473,9 @@ def print_throughput(mods: Path, quick: bool) -> None:
     print("## 2b. the same without HTTP: 32 coroutines calling ModelRunner.predict in-process")
     print("| model | batching on req/s | off req/s | ratio |\n|---|---|---|---|")
     for label, content in (("face_landmark (conv net)", (mods / f"{THROUGHPUT_MODEL}.tflite").read_bytes()),
-                           ("fully_connected_f32(1024, 1024)", tinymodels.fully_connected_f32(1024, 1024))):
+                           ("fully_connected_f32(1024, 1024)", tinymodels.fully_connected_f32(1024, 1024)),
+                           ("fully_connected_f32(2048, 2048)", tinymodels.fully_connected_f32(2048, 2048)),
+                           ("fully_connected_f32(2048, 4096)", tinymodels.fully_connected_f32(2048, 4096))):
         on, off = [], []
         for _ in range(rounds):
             on.append(asyncio.run(engine_throughput(content, "on", secs / 2)))
@@ -419,7 +490,10 @@ def main() -> int:
     ap.add_argument("--quick", action="store_true")
     ap.add_argument("--skip-bundle", action="store_true")
     ap.add_argument("--only", choices=("latency", "throughput"))
+    ap.add_argument("--floor-server", help=argparse.SUPPRESS)
     a = ap.parse_args()
+    if a.floor_server:
+        return floor_server(a.floor_server)
     q = a.quick
     mods = mediapipe_models()
     print(f"# runtime benchmark  (cpus={len(os.sched_getaffinity(0))}, {load()}, models from {mods})\n")

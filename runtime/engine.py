@@ -32,6 +32,12 @@ from .interp import load_interpreter_class
 
 log = logging.getLogger("appliance.runtime")
 
+# Handing an invoke to a worker thread and its result back costs two thread wake-ups (about
+# 0.07 ms on an idle 2-core VM, more under load). A model that does not merge requests and
+# whose invoke is cheaper than that runs on the event loop even under load: the hand-off
+# would cost more than the work, and the loop is blocked for less than the hand-off anyway.
+CHEAP_INVOKE_S = 100e-6
+
 
 class RequestError(Exception):
     """The client's fault (-> 4xx)."""
@@ -121,6 +127,7 @@ class ModelRunner:
             raise ValueError(f"model has {len(ins)} inputs; this runtime serves single-input models")
         self.input = self._spec(ins[0])
         self.outputs = [self._spec(o) for o in outs]
+        self.output_dtype_names = [o.dtype.name for o in self.outputs]  # dtype.name is slow-ish
         self._in_index = ins[0]["index"]
         self._out_index = [o["index"] for o in outs]
         # Batchable: a dynamic leading dim, or a fixed batch of 1 that survives resizing
@@ -172,7 +179,9 @@ class ModelRunner:
             max_workers=settings.pool_size, thread_name_prefix=f"tflite-{name}")
         self._all_outputs = tuple(range(len(self._out_index)))
         # Set by the server: true while the daemon handles no other request (see _pump).
+        # None: never run on the event loop (inline_when_idle = false).
         self.inline_ok = None
+        self._invoke_avg = float("inf")  # moving average of one invoke, seconds
         self.closed = False
         self._queue_gauge = self._batch_hist = self._invoke_hist = self._inline_count = None
         if metrics is not None:  # label lookups cost microseconds each: once, not per request
@@ -344,12 +353,15 @@ class ModelRunner:
             now = time.perf_counter()
             for it in batch:
                 it.t_start = now
-            if not q and self._inflight == 1 and self.inline_ok is not None and self.inline_ok():
-                # Nothing else is going on in the whole daemon: run it right here on the event
-                # loop thread. The thread hand-off costs two wake-ups, and on a loaded CPU each
-                # wake-up waits for a time slice (measured: ~1 ms per request on this 2-core VM
-                # at load 4). A request that arrives meanwhile waits in the socket until this
-                # invoke ends; with more than one request in the daemon, workers are used.
+            if self._inflight == 1 and self.inline_ok is not None and (
+                    (not q and self.inline_ok())
+                    or (not self.merge and self._invoke_avg < CHEAP_INVOKE_S)):
+                # Nothing else is going on in the whole daemon (or the invoke is cheaper than
+                # a hand-off, see CHEAP_INVOKE_S): run it right here on the event loop thread.
+                # The thread hand-off costs two wake-ups, and on a loaded CPU each wake-up may
+                # wait for a time slice. A request that arrives meanwhile waits in the socket
+                # until this invoke ends; with more than one request in the daemon, workers
+                # are used, so the loop keeps parsing (and batches can form) while they compute.
                 if self._inline_count is not None:
                     self._inline_count.inc()
                 self._deliver(batch, *self._run(batch))
@@ -381,6 +393,9 @@ class ModelRunner:
             self._check_drained()
             return
         outs, invoke_s = res
+        if not self.merge:
+            avg = self._invoke_avg
+            self._invoke_avg = invoke_s if avg == float("inf") else 0.8 * avg + 0.2 * invoke_s
         start = 0
         for it in batch:
             n = it.rows

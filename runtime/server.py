@@ -228,7 +228,7 @@ def _parse_raw(body: bytes, headers, runner: ModelRunner) -> np.ndarray:
         except ValueError:
             raise RequestError(400, f"X-Tensor-Shape {shape_hdr!r} is not a comma-separated list of sizes") from None
     else:
-        row = int(np.prod(spec.shape[1:])) if runner.batchable else int(np.prod(spec.shape))
+        row = math.prod(spec.shape[1:]) if runner.batchable else math.prod(spec.shape)
         n = len(body) // dt.itemsize
         if row == 0 or n % row:
             raise RequestError(400, f"body has {n} values, not a multiple of the {row} values per row")
@@ -312,7 +312,8 @@ def make_app(registry: ModelRegistry, cfg: RuntimeConfig) -> web.Application:
             return web.Response(body=memoryview(np.ascontiguousarray(o)).cast("B"),
                                 content_type="application/octet-stream",
                                 headers={"X-Tensor-Shape": ",".join(map(str, o.shape)),
-                                         "X-Tensor-Dtype": o.dtype.name, "X-Model-Version": runner.version,
+                                         "X-Tensor-Dtype": runner.output_dtype_names[0],
+                                         "X-Model-Version": runner.version,
                                          "Server-Timing": server_timing})
         return web.json_response({
             "model": name, "version": runner.version,

@@ -424,6 +424,37 @@ def test_concurrent_requests_are_not_run_inline(tmp_path):
     run(t())
 
 
+def test_cheap_unbatched_model_runs_inline_under_load_a_costly_one_does_not(tmp_path):
+    from appliance.runtime import engine
+    (tmp_path / "fc.tflite").write_bytes(F32)  # 16x4: a few microseconds per invoke
+
+    async def load(s):
+        body = np.ones((1, 16), "<f4").tobytes()
+        hdr = {"Content-Type": "application/octet-stream"}
+        r = await s.post("/v1/models/fc:predict", data=body, headers=hdr)  # measures the invoke
+        assert r.status == 200
+        rs = await asyncio.gather(*(s.post("/v1/models/fc:predict", data=body, headers=hdr) for _ in range(32)))
+        assert all(r.status == 200 for r in rs)
+        return metric(await (await s.get("/metrics")).text(), "appliance_runtime_inline_invokes_total", model="fc")
+
+    async def t():
+        # The threshold is set around the measured invoke (not left at 0.1 ms: a busy CI
+        # machine can stretch one invoke past that), so this checks the rule, not the clock.
+        for cheap_s, check in ((1.0, lambda n: n >= 30), (0.0, lambda n: n <= 2)):
+            engine.CHEAP_INVOKE_S = cheap_s
+            async with serving(config(tmp_path, max_batch=1, queue_size=256)) as (_srv, s):
+                n = await load(s)
+                assert check(n), f"threshold {cheap_s} s: {n} of 33 invokes inline"
+            async with serving(config(tmp_path, max_batch=1, queue_size=256, inline_when_idle=False)) as (_srv, s):
+                assert await load(s) == 0  # switched off means never
+
+    old = engine.CHEAP_INVOKE_S
+    try:
+        run(t())
+    finally:
+        engine.CHEAP_INVOKE_S = old
+
+
 def test_runner_max_wait_counts_from_arrival_and_a_full_batch_goes_at_once():
     from appliance.runtime.config import ModelSettings
     from appliance.runtime.engine import ModelRunner, Timing
