@@ -4,9 +4,10 @@
 1. Fleet: wall time of `provision fleet apply` (a subprocess, as a station runs it) for 50
    devices vs 1 device, each on a freshly set-up lab of real sshd devices
    (appliance.provision.testlab: own host key, SoftHSM2 token, device root). Target <= 5x.
-   Also the station's own CPU seconds (the apply process and its children: ssh-keygen,
-   appliance-secure package), because on this box the 50 "devices" (sshd + appliance-agent
-   + SoftHSM2) share the same 2 cores as the station, unlike a real fleet.
+   Also the station's own CPU seconds (the apply process and its children, ssh-keygen) and
+   the devices' (each lab sshd with every session under it: appliance-agent, SoftHSM2 RSA
+   keygen, shells), because on this box the 50 "devices" share the station's cores, unlike a
+   real fleet: their sum / cores is a floor for the 50-device wall time here.
 2. Flash: `provision flash` (bmaptool copy of the mapped blocks + read-back verify) and
    `bmaptool copy` alone vs `dd` of the whole image (conv=fsync), same image, same run.
 
@@ -26,6 +27,7 @@ import tempfile
 import time
 from pathlib import Path
 
+from appliance.provision.fleet import DEFAULT_WORKERS
 from appliance.provision.testlab import DeviceLab
 from appliance.runtime.tinymodels import fully_connected_f32
 
@@ -54,7 +56,7 @@ def timed_apply(fleet_file: Path) -> tuple[float, float]:
     return wall, ru.ru_utime + ru.ru_stime
 
 
-def fleet_bench(n: int, repeats: int, workers: int, base: Path) -> None:
+def fleet_bench(n: int, repeats: int, workers: int | None, base: Path) -> None:
     model = keys(base)
     vendor_pub = (base / "vendor.pem.pub").read_bytes()
     res: dict[int, list[tuple[float, float, float]]] = {1: [], n: []}
@@ -81,7 +83,7 @@ def fleet_bench(n: int, repeats: int, workers: int, base: Path) -> None:
     med = {size: [statistics.median(x[k] for x in res[size]) for k in range(3)] for size in res}
     (w1, c1, d1), (wn, cn, dn) = med[1], med[n]
     cores = os.cpu_count()
-    print(f"\nFleet apply, {workers} workers, {repeats} runs each, medians (load average 1 min after "
+    print(f"\nFleet apply, {workers or f'default (min(devices, {DEFAULT_WORKERS}))'} workers, {repeats} runs each, medians (load average 1 min after "
           f"each run: {min(load):.1f}-{max(load):.1f} on {cores} cores)")
     print(f"{'devices':>8} {'wall s':>8} {'wall/dev s':>10} {'station CPU s':>14} {'/dev':>6} "
           f"{'devices CPU s':>14} {'/dev':>6}")
@@ -153,7 +155,7 @@ def flash_bench(mib: int, repeats: int, base: Path, image: Path | None = None) -
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--devices", type=int, default=50)
-    ap.add_argument("--workers", type=int, default=16)
+    ap.add_argument("--workers", type=int, help="default: the fleet's own default, min(devices, 32)")
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--image-mib", type=int, default=256)
     ap.add_argument("--image", type=Path, help="flash this image (with IMAGE.bmap) instead of a made one")

@@ -40,6 +40,16 @@ from .fleetconfig import Device, Fleet, load_fleet
 from .inventory import Inventory, default_url
 from .packaging import Packager
 
+# Default pool size. One worker holds one device's connection while the device works
+# (keygen, install, self-test: ~0.7 s per device on the loopback lab, seconds on real boards,
+# 45 s on the emulated image), and the station spends ~0.06 CPU-s per device (measured,
+# benchmarks/provision_fleet.py), mostly under the GIL. Workers = latency / station CPU keeps
+# the station busy: ~12 for the fastest devices we have seen, more for slower ones; beyond
+# that the station itself is the limit and more connections only wait. 32 covers devices up
+# to ~2 s per device and bounds threads (two per connection: worker + Paramiko transport),
+# memory and the burst of concurrent SSH handshakes.
+DEFAULT_WORKERS = 32
+
 STEPS = ["ssh", "version", "identity", "keygen", "host-cert", "client-cert", "model", "selftest"]
 ALWAYS = {"ssh", "version"}  # cheap checks re-run every time (a re-flashed board shows here)
 
@@ -515,6 +525,12 @@ class Summary:
     done: list[str] = field(default_factory=list)
     failed: dict[str, str] = field(default_factory=dict)
     seconds: float = 0.0
+    workers: int = 0
+
+
+def default_workers(fleet: Fleet, n_devices: int, override: int | None = None) -> int:
+    """The pool size: --workers, else the fleet file's, else min(devices, DEFAULT_WORKERS)."""
+    return max(1, override or fleet.fleet.workers or min(n_devices, DEFAULT_WORKERS))
 
 
 def apply(fleet: Fleet, inv: Inventory, *, only: list[str] | None = None, workers: int | None = None,
@@ -556,7 +572,8 @@ def apply(fleet: Fleet, inv: Inventory, *, only: list[str] | None = None, worker
             except ProvisionError:
                 pass
 
-    with ThreadPoolExecutor(max_workers=workers or fleet.fleet.workers,
+    summary.workers = default_workers(fleet, len(devices), workers)
+    with ThreadPoolExecutor(max_workers=summary.workers,
                             thread_name_prefix="provision") as pool:
         futs = [pool.submit(one, d) for d in devices]
         for fut in as_completed(futs):
@@ -616,7 +633,7 @@ def apply_cli(args) -> int:
                 print(f"{serial}: {event}" + (f": {detail}" if detail else ""), flush=True)
         summary = apply(fleet, inv, only=args.only, progress=cb)
     print(f"fleet {fleet.fleet.name}: {len(summary.done)} done, {len(summary.failed)} failed "
-          f"of {n} in {summary.seconds:.1f} s (inventory {inv.path})")
+          f"of {n} in {summary.seconds:.1f} s with {summary.workers} workers (inventory {inv.path})")
     for serial, reason in sorted(summary.failed.items()):
         print(f"  FAILED {serial}: {reason}")
     inv.close()

@@ -2,7 +2,8 @@
 
     [fleet]
     name = "line-1"
-    workers = 8                 # parallel SSH connections (bounded pool)
+    workers = 32                # parallel SSH connections (bounded pool); default:
+                                # min(devices, 32), see fleet.DEFAULT_WORKERS
     user = "root"
     identity = "keys/station_ed25519"     # the station's SSH key (relative to this file)
     agent = "appliance-agent"             # device command (multi-call agent)
@@ -74,7 +75,7 @@ class _Strict(BaseModel):
 
 class FleetSettings(_Strict):
     name: str = "fleet"
-    workers: int = Field(8, ge=1, le=256)
+    workers: int | None = Field(None, ge=1, le=256)  # None: fleet.default_workers()
     user: str = "root"
     identity: Path
     agent: str = "appliance-agent"

@@ -221,7 +221,7 @@ class DeviceLab:
         settings = {"name": "lab", "workers": 8, "identity": str(self.station_key), "agent": agent,
                     "image_version": self.image_version, "connect_timeout": 3, "command_timeout": 60,
                     "ssh_wait": 10, "retries": 2, "backoff": 0.3, **fleet_settings}
-        lines = ["[fleet]"] + [f"{k} = {json.dumps(v)}" for k, v in settings.items()]
+        lines = ["[fleet]"] + [f"{k} = {json.dumps(v)}" for k, v in settings.items() if v is not None]
         lines += ["", "[ca]", f"key = {json.dumps(str(self.ca_key))}"]
         if model:
             lines += ["", "[model]"] + [f"{k} = {json.dumps(v)}" for k, v in model.items()]

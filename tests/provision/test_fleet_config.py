@@ -69,3 +69,16 @@ def test_inventory_urls(tmp_path):
     inv.step_end("A", "ssh", "done", "fp")
     assert inv.step_state("A", "ssh") == "done" and inv.get("A")["step"] == "ssh"
     inv.close()
+
+
+def test_worker_pool_size(tmp_path):
+    from appliance.provision.fleet import DEFAULT_WORKERS, default_workers
+
+    many = "".join(f'[[device]]\nserial = "D{i}"\naddress = "h"\nport = {1000 + i}\n' for i in range(40))
+    f = load_fleet(write(tmp_path, many))
+    assert f.fleet.workers is None and default_workers(f, 40) == DEFAULT_WORKERS == 32
+    assert default_workers(f, 3) == 3 and default_workers(f, 40, override=5) == 5
+    f = load_fleet(write(tmp_path, many, "workers = 12"))
+    assert default_workers(f, 40) == 12 and default_workers(f, 40, override=50) == 50
+    with pytest.raises(ProvisionError, match="fleet.runtime_port"):
+        load_fleet(write(tmp_path, many, "runtime_port = 70000"))
