@@ -550,8 +550,15 @@ def apply(fleet: Fleet, inv: Inventory, *, only: list[str] | None = None, worker
 
     def one(dev: Device) -> tuple[str, str | None]:
         run = DeviceRun(fleet, dev, inv, packager, on_step=lambda s, st: cb(s, "step", st))
-        inv.start_run(dev.serial)
         cb(dev.serial, "start", "")
+        try:
+            claimed = inv.claim(dev.serial)
+        except ProvisionError as e:
+            return dev.serial, str(e)
+        if not claimed:  # another station sharing the inventory is on it right now
+            return dev.serial, ("busy: another station sharing the inventory is provisioning it; "
+                                "re-run apply once it is done")
+        inv.start_run(dev.serial)
         try:
             run.execute()
             rec = inv.get(dev.serial)
@@ -569,6 +576,7 @@ def apply(fleet: Fleet, inv: Inventory, *, only: list[str] | None = None, worker
             run.close()
             try:
                 inv.append_log(dev.serial, run.log)
+                inv.release(dev.serial)
             except ProvisionError:
                 pass
 

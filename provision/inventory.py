@@ -1,10 +1,15 @@
 """The factory inventory: per-device step states, versions, certificate fingerprints,
 watermark id, log excerpt, and an audit trail of enrolment events.
 
-One SQLite file in WAL mode by default (``sqlite:///abs/path`` or ``sqlite:relative``);
-the URL leaves room for a PostgreSQL shared between stations (``postgresql://``), which is
-not implemented yet and is refused with a clear error. Every write is its own short
-transaction, so a killed station leaves a consistent file and `apply` resumes from it.
+One SQLite file in WAL mode by default (``sqlite:///abs/path`` or ``sqlite:relative``), or
+a PostgreSQL database shared by several stations (``postgresql://user@host:port/dbname``,
+any libpq URL, via psycopg 3). Every write is its own short transaction, so a killed station
+leaves a consistent inventory and `apply` resumes from it.
+
+Several stations on one PostgreSQL: a station works on a device only while it holds that
+device's advisory lock (session-level, `claim`); another station meanwhile reports the device
+as busy instead of enrolling it a second time, and a station that dies loses its locks with
+its connection. (SQLite is one station's file: `claim` there always succeeds.)
 """
 
 from __future__ import annotations
@@ -57,25 +62,43 @@ def default_url(fleet_file: Path) -> str:
     return f"sqlite:///{Path(fleet_file).resolve().parent / 'inventory.sqlite'}"
 
 
+def _pg_schema() -> str:
+    return (SCHEMA.replace("REAL", "DOUBLE PRECISION")
+            .replace("INTEGER PRIMARY KEY AUTOINCREMENT", "BIGINT GENERATED ALWAYS AS IDENTITY PRIMARY KEY"))
+
+
+def is_postgres(url: str) -> bool:
+    return url.startswith(("postgres://", "postgresql://"))
+
+
+def _redact(url: str) -> str:
+    """The URL without a password, for messages."""
+    import re
+
+    return re.sub(r"(://[^:/@]*):[^@/]*@", r"\1:***@", url)
+
+
 def sqlite_path(url: str) -> Path:
     if url.startswith("sqlite:///"):
         return Path("/" + url[len("sqlite:///"):].lstrip("/"))
     if url.startswith("sqlite:"):
         return Path(url[len("sqlite:"):])
-    if url.startswith(("postgres://", "postgresql://")):
-        raise ProvisionError(f"{url.split('@')[-1]}: PostgreSQL inventories are not supported yet; "
-                             f"use sqlite:///PATH")
-    raise ProvisionError(f"--inventory {url!r}: unknown URL (use sqlite:///PATH)")
+    raise ProvisionError(f"--inventory {url!r}: unknown URL (use sqlite:///PATH or postgresql://...)")
 
 
 class Inventory:
     def __init__(self, url: str, create: bool = True):
         self.url = url
+        self._lock = threading.Lock()
+        self.pg = is_postgres(url)
+        if self.pg:
+            self.path = _redact(url)  # what messages show
+            self._open_pg(create)
+            return
         self.path = sqlite_path(url)
         if not create and not self.path.exists():
             raise ProvisionError(f"{self.path}: no inventory here yet (run `provision fleet apply` first)")
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        self._lock = threading.Lock()
         try:
             self.db = sqlite3.connect(self.path, check_same_thread=False, isolation_level=None,
                                       timeout=30)
@@ -86,16 +109,63 @@ class Inventory:
         except sqlite3.DatabaseError as e:
             raise ProvisionError(f"{self.path}: inventory unusable: {e}") from None
 
+    def _open_pg(self, create: bool) -> None:
+        try:
+            import psycopg
+            from psycopg.rows import dict_row
+        except ImportError:
+            raise ProvisionError(f"{self.path}: PostgreSQL inventories need psycopg "
+                                 "(pip install 'psycopg[binary]')") from None
+        self._pg_error = psycopg.Error
+        try:
+            self.db = psycopg.connect(self.url, autocommit=True, row_factory=dict_row, connect_timeout=10)
+            if create:
+                with self.db.transaction():
+                    # one station creates the schema; the others wait for it here
+                    self.db.execute("SELECT pg_advisory_xact_lock(6)")
+                    for stmt in _pg_schema().split(";"):
+                        if stmt.strip():
+                            self.db.execute(stmt)
+            elif self.db.execute("SELECT to_regclass('devices') AS t").fetchone()["t"] is None:
+                raise ProvisionError(f"{self.path}: no inventory here yet (run `provision fleet apply` first)")
+        except psycopg.Error as e:
+            raise ProvisionError(f"{self.path}: inventory unusable: {' '.join(str(e).split())}") from None
+
     def close(self) -> None:
         with self._lock:
             self.db.close()
 
-    def _x(self, sql: str, args: Iterable[Any] = ()) -> list[sqlite3.Row]:
+    def _x(self, sql: str, args: Iterable[Any] = ()) -> list[Any]:
         with self._lock:
+            if self.pg:
+                try:
+                    cur = self.db.execute(sql.replace("?", "%s"), tuple(args))
+                    return cur.fetchall() if cur.description else []
+                except self._pg_error as e:
+                    raise ProvisionError(f"{self.path}: inventory write failed: {' '.join(str(e).split())}") \
+                        from None
             try:
                 return self.db.execute(sql, tuple(args)).fetchall()
             except sqlite3.DatabaseError as e:
                 raise ProvisionError(f"{self.path}: inventory write failed: {e}") from None
+
+    # -- claims (several stations on one PostgreSQL) ----------------------------
+    @staticmethod
+    def _lock_key(serial: str) -> int:
+        import hashlib
+
+        return int.from_bytes(hashlib.sha256(b"appliance-provision:" + serial.encode()).digest()[:8],
+                              "big", signed=True)
+
+    def claim(self, serial: str) -> bool:
+        """True if this station may work on SERIAL now (until `release`)."""
+        if not self.pg:
+            return True
+        return bool(self._x("SELECT pg_try_advisory_lock(?) AS ok", (self._lock_key(serial),))[0]["ok"])
+
+    def release(self, serial: str) -> None:
+        if self.pg:
+            self._x("SELECT pg_advisory_unlock(?) AS ok", (self._lock_key(serial),))
 
     # -- devices --------------------------------------------------------------
     def ensure_device(self, serial: str, address: str, port: int, hostname: str, device_id: str) -> None:
@@ -140,7 +210,7 @@ class Inventory:
     def step_begin(self, serial: str, step: str) -> None:
         now = time.time()
         self._x("INSERT INTO steps (serial, step, state, attempts, started_at) VALUES (?,?,?,?,?) "
-                "ON CONFLICT(serial, step) DO UPDATE SET state='running', attempts=attempts+1, "
+                "ON CONFLICT(serial, step) DO UPDATE SET state='running', attempts=steps.attempts+1, "
                 "started_at=excluded.started_at, finished_at=NULL",
                 (serial, step, "running", 1, now))
         self.update(serial, step=step)

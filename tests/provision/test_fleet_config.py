@@ -58,8 +58,8 @@ def test_missing_key_file_named(tmp_path):
 def test_inventory_urls(tmp_path):
     assert sqlite_path("sqlite:////tmp/x.db").as_posix() == "/tmp/x.db"
     assert sqlite_path("sqlite:rel.db").as_posix() == "rel.db"
-    with pytest.raises(ProvisionError, match="PostgreSQL inventories are not supported yet"):
-        sqlite_path("postgresql://u:secret@db/inv")
+    with pytest.raises(ProvisionError, match="unknown URL"):
+        sqlite_path("mysql://u:secret@db/inv")
     with pytest.raises(ProvisionError, match="no inventory here yet"):
         Inventory(f"sqlite:///{tmp_path}/none.sqlite", create=False)
     inv = Inventory(f"sqlite:///{tmp_path}/inv.sqlite")

@@ -312,3 +312,44 @@ def test_selftest_asks_the_devices_runtime_for_a_prediction(make_lab, keys, tmp_
         assert ev["off_vs_expected"] <= 1 < ev["unmarked_off"]
     assert inv.step_state("SN0002", "model") == "done" and inv.step_state("SN0002", "selftest") == "failed"
     inv.close()
+
+
+def test_two_stations_share_one_postgres_inventory(make_lab, keys, tmp_path, postgres, capsys):
+    """Two stations apply the same fleet at once against one PostgreSQL: every device is
+    enrolled exactly once; a station finding a device claimed reports it busy; a later run
+    (either station) finds everything done; `fleet status --inventory URL` reads it."""
+    lab = make_lab(6)
+    fleet_file = lab.fleet_toml(tmp_path / "fleet.toml", model=model_cfg(keys), workers=3)
+    fleet = load_fleet(fleet_file)
+    results = {}
+
+    def station(name):
+        inv = Inventory(postgres)
+        results[name] = F.apply(fleet, inv)
+        inv.close()
+
+    threads = [threading.Thread(target=station, args=(n,)) for n in ("a", "b")]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(300)
+    a, b = results["a"], results["b"]
+    serials = {d.serial for d in lab.devices}
+    assert set(a.done) | set(b.done) == serials
+    for reason in list(a.failed.values()) + list(b.failed.values()):
+        assert reason.startswith("busy: another station")
+    inv = Inventory(postgres, create=False)
+    for s in serials:
+        kinds = [e["kind"] for e in inv.events(s)]
+        for kind in ("device-key", "host-cert-issued", "client-cert-issued", "model-packaged"):
+            assert kinds.count(kind) == 1, (s, kinds)
+    inv.close()
+    assert main(["fleet", "apply", str(fleet_file), "--inventory", postgres, "--no-progress"]) == 0
+    assert "6 done, 0 failed of 6" in capsys.readouterr().out
+    assert main(["fleet", "status", "--inventory", postgres, "--json"]) == 0
+    rows = json.loads(capsys.readouterr().out)
+    assert sorted(r["serial"] for r in rows) == sorted(serials)
+    assert all(r["state"] == "done" and set(r["steps"].values()) == {"done"} for r in rows)
+    inv = Inventory(postgres, create=False)
+    assert len(inv.events(kind="host-cert-issued")) == 6
+    inv.close()
