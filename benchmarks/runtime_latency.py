@@ -203,6 +203,26 @@ def floor_server(port_file: str) -> int:
     return 0
 
 
+# The runtime as it was before this session's latency work (section 1b runs it side by side).
+BASELINE_REV = "cd7b93a~1"
+
+
+def runtime_at(rev: str) -> Path:
+    """A directory for PYTHONPATH in which `appliance.runtime` is the runtime of git `rev`
+    (a regular `appliance` package there shadows the editable install's namespace)."""
+    d = Path(tempfile.mkdtemp(prefix="rt-bench-old-"))
+    pkg = d / "appliance" / "runtime"
+    pkg.mkdir(parents=True)
+    (d / "appliance" / "__init__.py").write_text("")
+    names = subprocess.run(["git", "-C", str(REPO), "ls-tree", "--name-only", rev, "runtime/"],
+                           capture_output=True, text=True, check=True).stdout.split()
+    for n in names:
+        if n.endswith(".py"):
+            (pkg / Path(n).name).write_bytes(subprocess.run(["git", "-C", str(REPO), "show", f"{rev}:{n}"],
+                                                            capture_output=True, check=True).stdout)
+    return d
+
+
 class FloorServer:
     def __init__(self):
         d = Path(tempfile.mkdtemp(prefix="rt-bench-floor-"))
@@ -421,6 +441,61 @@ def bundle_sizes() -> list[tuple[str, int, Path]]:
     return [(k, v[0], v[1]) for k, v in sorted(latest.items())]
 
 
+def bench_versions(content: bytes, n: int, old_tree: Path) -> dict:
+    """This daemon vs the baseline revision's, same model and body, strictly alternating."""
+    Interpreter = load_interpreter_class()
+    it = Interpreter(model_content=content, num_threads=1)
+    it.allocate_tensors()
+    d = it.get_input_details()[0]
+    o0 = it.get_output_details()[0]["index"]
+    x = np.random.default_rng(0).random(d["shape"], dtype=np.float32)
+    body = x.astype("<f4").tobytes()
+    mdir = Path(tempfile.mkdtemp(prefix="rt-bench-v-"))
+    (mdir / "m.tflite").write_bytes(content)
+    flags = ("--pool-size", "1", "--num-threads", "1", "--max-wait-ms", "0", "--no-affinity")
+    agent = [sys.executable, "-m", "appliance.runtime.agent"]
+    new = Daemon(agent, mdir, *flags)
+    old = Daemon(agent, mdir, *flags, env={**os.environ, "PYTHONPATH": str(old_tree)})
+    cn, co = RawClient(new.port, "/v1/models/m:predict", body), RawClient(old.port, "/v1/models/m:predict", body)
+    for _ in range(10):
+        cn.post()
+        co.post()
+    pred, tn, to = [], [], []
+    for _ in range(n):
+        t = time.perf_counter()
+        it.set_tensor(d["index"], x)
+        it.invoke()
+        it.get_tensor(o0)
+        pred.append(time.perf_counter() - t)
+        for c, ts in ((cn, tn), (co, to)):
+            t = time.perf_counter()
+            status, _h, _b = c.post()
+            ts.append(time.perf_counter() - t)
+            assert status == 200
+    cn.close()
+    co.close()
+    new.stop()
+    old.stop()
+    return {"predict": pred, "new": tn, "old": to, "body_bytes": len(body)}
+
+
+def print_versions(mods: Path, quick: bool, rev: str) -> None:
+    old_tree = runtime_at(rev)
+    print(f"## 1b. the daemon before this session's latency work (git {rev}) vs now, same run, alternating; ms")
+    print("| model | n | in-process predict p50 | HTTP p50 before | HTTP p50 now | now / before | "
+          "overhead before (HTTP - predict) | overhead now | load |\n|---|---|---|---|---|---|---|---|---|")
+    cases = [("tinymodels fully_connected_f32(16, 16) (64 B in)", tinymodels.fully_connected_f32(16, 16)),
+             ("tinymodels fully_connected_f32(150000, 1) (600 KB in)", tinymodels.fully_connected_f32(150000, 1))]
+    cases += [(f"{m} (mediapipe)", (mods / f"{m}.tflite").read_bytes()) for m in QUICK_LATENCY_MODELS]
+    for label, content in cases:
+        n = 60 if quick else 200
+        r = bench_versions(content, n, old_tree)
+        p, o, w = (pct(r[k], 50) * 1e3 for k in ("predict", "old", "new"))
+        print(f"| {label} | {n} | {p:.3f} | {o:.3f} | {w:.3f} | {w / o:.2f} | {o - p:.3f} | {w - p:.3f} | "
+              f"{load()} |", flush=True)
+    print()
+
+
 def load() -> str:
     return "loadavg " + " ".join(f"{v:.1f}" for v in os.getloadavg())
 
@@ -491,6 +566,8 @@ def main() -> int:
     ap.add_argument("--skip-bundle", action="store_true")
     ap.add_argument("--only", choices=("latency", "throughput"))
     ap.add_argument("--floor-server", help=argparse.SUPPRESS)
+    ap.add_argument("--baseline-rev", default=BASELINE_REV,
+                    help="git revision whose runtime section 1b runs side by side (default %(default)s)")
     a = ap.parse_args()
     if a.floor_server:
         return floor_server(a.floor_server)
@@ -499,6 +576,7 @@ def main() -> int:
     print(f"# runtime benchmark  (cpus={len(os.sched_getaffinity(0))}, {load()}, models from {mods})\n")
     if a.only in (None, "latency"):
         print_latency(mods, q)
+        print_versions(mods, q, a.baseline_rev)
     if a.only in (None, "throughput"):
         print_throughput(mods, q)
     if a.skip_bundle or a.only:
