@@ -1,6 +1,8 @@
 """The inventory on a real PostgreSQL server shared by stations (`--inventory postgresql://`);
 the two-station fleet run is in test_fleet_lab.py."""
 
+import time
+
 import pytest
 
 from appliance.provision.errors import ProvisionError
@@ -27,7 +29,10 @@ def test_inventory_operations_on_postgres(postgres):
     assert inv.claim("A1") and not other.claim("A1") and other.claim("B2")
     inv.release("A1")
     assert other.claim("A1")
-    other.close()  # a station that goes away loses its claims
+    other.close()  # a station that goes away loses its claims (once its backend has exited)
+    deadline = time.monotonic() + 10
+    while not inv.claim("A1") and time.monotonic() < deadline:
+        time.sleep(0.05)
     assert inv.claim("A1") and inv.claim("B2")
     inv.close()
     bad = postgres.replace("postgres@", "postgres:secret@").rsplit("/", 1)[0] + "/nosuchdb"
