@@ -68,3 +68,43 @@ def tiny_model_io():
     model = fully_connected_f32(**TINY)
     x = np.linspace(-1, 1, TINY["in_features"], dtype=np.float32).reshape(1, -1)
     return x, reference_output(model, x)
+
+
+def _runtime_http(url, body=None, timeout=10):
+    """(status, JSON body) of a runtime request; 4xx/5xx answers are returned, not raised."""
+    import json
+    import urllib.error
+    import urllib.request
+
+    req = urllib.request.Request(url, data=body, headers={"Content-Type": "application/json"} if body else {})
+    try:
+        with urllib.request.urlopen(req, timeout=timeout) as r:
+            return r.status, json.loads(r.read())
+    except urllib.error.HTTPError as e:
+        return e.code, json.loads(e.read() or b"{}")
+
+
+def _wait_served(base: str, name: str, version: str, timeout: float = 300) -> None:
+    """Until the runtime at `base` reports model `name` ready at `version` (guests under TCG are
+    slow to load: poll /readyz instead of sleeping a fixed time)."""
+    import time
+    import urllib.error
+
+    deadline, last = time.monotonic() + timeout, None
+    while time.monotonic() < deadline:
+        try:
+            _, ready = _runtime_http(base + "/readyz")
+            last = ready
+            m = ready.get("models", ready).get(name, {}) if isinstance(ready, dict) else {}
+            if m.get("ready") and m.get("version") == version:
+                return
+        except (urllib.error.URLError, ConnectionError, OSError, ValueError) as e:
+            last = e
+        time.sleep(3)
+    pytest.fail(f"runtime never served {name} {version}: {last}")
+
+
+@pytest.fixture
+def wait_served():
+    """e2e helper shared by the booted-image store and fleet tests: wait_served(base, name, version)."""
+    return _wait_served

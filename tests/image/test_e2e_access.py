@@ -9,7 +9,6 @@ QEMU's i6300esb watchdog to prove that PID 1 drives a hardware watchdog.
 Costs (warm cache, TCG): two ~20 s builds, three boots of ~60-100 s each.
 """
 import re
-import shutil
 import socket
 import subprocess
 import time

@@ -7,7 +7,7 @@ import threading
 import pytest
 
 from appliance.provision.cli import main
-from appliance.provision.console import Console, Step, UBootShell, open_port, run_steps
+from appliance.provision.console import Console, Step, UBootShell, run_steps
 from appliance.provision.qemu import QemuBoard
 
 

@@ -15,7 +15,6 @@ import os
 import subprocess
 import sys
 import time
-import urllib.error
 import urllib.request
 from pathlib import Path
 
@@ -136,22 +135,7 @@ def image(tmp_path, ssh_ca, station):
     return cfg, build(cfg)
 
 
-def wait_served(base, name, version, timeout=300):
-    deadline, last = time.monotonic() + timeout, None
-    while time.monotonic() < deadline:
-        try:
-            ready = http(base + "/readyz")
-            last = ready
-            m = ready.get("models", ready).get(name, {}) if isinstance(ready, dict) else {}
-            if m.get("ready") and m.get("version") == version:
-                return
-        except (urllib.error.URLError, ConnectionError, OSError, ValueError) as e:
-            last = e
-        time.sleep(3)
-    pytest.fail(f"runtime never served {name} {version}: {last}")
-
-
-def test_fleet_apply_configures_the_booted_image(image, ssh_ca, station, tmp_path, capsys):
+def test_fleet_apply_configures_the_booted_image(image, ssh_ca, station, tmp_path, capsys, wait_served):
     cfg, res = image
     k = station
     timings = {}

@@ -42,21 +42,6 @@ def _http(url, body=None, timeout=10):
         return e.code, json.loads(e.read() or b"{}")
 
 
-def _wait_served(base: str, name: str, version: str, timeout: float = 300) -> None:
-    deadline, last = time.monotonic() + timeout, None
-    while time.monotonic() < deadline:
-        try:
-            status, ready = _http(base + "/readyz")
-            last = ready
-            m = ready.get("models", ready).get(name, {}) if isinstance(ready, dict) else {}
-            if m.get("ready") and m.get("version") == version:
-                return
-        except (urllib.error.URLError, ConnectionError, OSError, ValueError) as e:
-            last = e
-        time.sleep(3)
-    pytest.fail(f"runtime never served {name} {version}: {last}")
-
-
 def _data_partition(image: Path) -> tuple[int, int]:
     table = json.loads(subprocess.run(["sfdisk", "--json", str(image)], check=True, capture_output=True,
                                       text=True).stdout)["partitiontable"]
@@ -84,7 +69,7 @@ def _found(image: Path, needles: list[bytes]) -> set[int]:
     return hits
 
 
-def test_booted_image_serves_a_model_from_the_encrypted_store(tmp_path, tiny_model_io):
+def test_booted_image_serves_a_model_from_the_encrypted_store(tmp_path, tiny_model_io, wait_served):
     from appliance.image.build import build
     from appliance.image.config import make_config
     from appliance.runtime.tinymodels import fully_connected_f32, reference_output
@@ -151,7 +136,7 @@ def test_booted_image_serves_a_model_from_the_encrypted_store(tmp_path, tiny_mod
         assert rc == 0
 
         base = f"http://127.0.0.1:{vm.forwards[8500]}"
-        _wait_served(base, "tiny", "1.0.0")  # the store's version string: served from the store
+        wait_served(base, "tiny", "1.0.0")  # the store's version string: served from the store
         status, out = _http(base + "/v1/models/tiny:predict", json.dumps({"inputs": x.tolist()}).encode())
         assert status == 200 and out["version"] == "1.0.0", out
         np.testing.assert_allclose(np.asarray(out["outputs"][0], dtype=np.float32), want, rtol=1e-5, atol=1e-5)
@@ -162,7 +147,7 @@ def test_booted_image_serves_a_model_from_the_encrypted_store(tmp_path, tiny_mod
         assert out.strip() and out.strip() != "root", out
         rc, _ = vm.run("systemctl restart appliance-runtime", 300)
         assert rc == 0
-        _wait_served(base, "tiny", "1.0.0")
+        wait_served(base, "tiny", "1.0.0")
         status, out = _http(base + "/v1/models/tiny:predict", json.dumps({"inputs": x.tolist()}).encode())
         assert status == 200
         np.testing.assert_allclose(np.asarray(out["outputs"][0], dtype=np.float32), want, rtol=1e-5, atol=1e-5)
