@@ -108,3 +108,9 @@ def _wait_served(base: str, name: str, version: str, timeout: float = 300) -> No
 def wait_served():
     """e2e helper shared by the booted-image store and fleet tests: wait_served(base, name, version)."""
     return _wait_served
+
+
+@pytest.fixture
+def runtime_http():
+    """runtime_http(url, body=None, timeout=10) -> (status, JSON body), for booted-image tests."""
+    return _runtime_http

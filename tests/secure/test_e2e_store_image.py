@@ -16,8 +16,6 @@ import json
 import re
 import subprocess
 import time
-import urllib.error
-import urllib.request
 from pathlib import Path
 
 import numpy as np
@@ -31,15 +29,6 @@ REPO = Path(__file__).resolve().parents[2]
 AGENT = "/opt/appliance/appliance-agent/appliance-agent"
 TINY = dict(in_features=16, out_features=4, batch=1, seed=7)  # tests/conftest.py's tiny model
 PROMPT = r"root@qemu-arm64:[^\n]*# "
-
-
-def _http(url, body=None, timeout=10):
-    req = urllib.request.Request(url, data=body, headers={"Content-Type": "application/json"} if body else {})
-    try:
-        with urllib.request.urlopen(req, timeout=timeout) as r:
-            return r.status, json.loads(r.read())
-    except urllib.error.HTTPError as e:
-        return e.code, json.loads(e.read() or b"{}")
 
 
 def _data_partition(image: Path) -> tuple[int, int]:
@@ -69,7 +58,8 @@ def _found(image: Path, needles: list[bytes]) -> set[int]:
     return hits
 
 
-def test_booted_image_serves_a_model_from_the_encrypted_store(tmp_path, tiny_model_io, wait_served):
+def test_booted_image_serves_a_model_from_the_encrypted_store(tmp_path, tiny_model_io, wait_served,
+                                                              runtime_http):
     from appliance.image.build import build
     from appliance.image.config import make_config
     from appliance.runtime.tinymodels import fully_connected_f32, reference_output
@@ -137,7 +127,7 @@ def test_booted_image_serves_a_model_from_the_encrypted_store(tmp_path, tiny_mod
 
         base = f"http://127.0.0.1:{vm.forwards[8500]}"
         wait_served(base, "tiny", "1.0.0")  # the store's version string: served from the store
-        status, out = _http(base + "/v1/models/tiny:predict", json.dumps({"inputs": x.tolist()}).encode())
+        status, out = runtime_http(base + "/v1/models/tiny:predict", json.dumps({"inputs": x.tolist()}).encode())
         assert status == 200 and out["version"] == "1.0.0", out
         np.testing.assert_allclose(np.asarray(out["outputs"][0], dtype=np.float32), want, rtol=1e-5, atol=1e-5)
         t_served = time.monotonic()
@@ -148,7 +138,7 @@ def test_booted_image_serves_a_model_from_the_encrypted_store(tmp_path, tiny_mod
         rc, _ = vm.run("systemctl restart appliance-runtime", 300)
         assert rc == 0
         wait_served(base, "tiny", "1.0.0")
-        status, out = _http(base + "/v1/models/tiny:predict", json.dumps({"inputs": x.tolist()}).encode())
+        status, out = runtime_http(base + "/v1/models/tiny:predict", json.dumps({"inputs": x.tolist()}).encode())
         assert status == 200
         np.testing.assert_allclose(np.asarray(out["outputs"][0], dtype=np.float32), want, rtol=1e-5, atol=1e-5)
         vm.run("sync", 60)
