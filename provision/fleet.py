@@ -180,22 +180,19 @@ class DeviceRun:
             if stdin:
                 ch.sendall(stdin)
             ch.shutdown_write()
-            out, err = [], []
-            while True:
-                ch.settimeout(left())
-                b = ch.recv(65536)
-                if not b:
-                    break
-                out.append(b)
-            while True:
-                ch.settimeout(left())
-                b = ch.recv_stderr(65536)
-                if not b:
-                    break
-                err.append(b)
+            def drain(recv) -> bytes:  # until EOF, each read within the command's deadline
+                parts = []
+                while True:
+                    ch.settimeout(left())
+                    b = recv(65536)
+                    if not b:
+                        return b"".join(parts)
+                    parts.append(b)
+
+            out, err = drain(ch.recv), drain(ch.recv_stderr)
             if not ch.status_event.wait(left()):
                 raise socket.timeout("no exit status")
-            return ch.exit_status, b"".join(out), b"".join(err)
+            return ch.exit_status, out, err
         finally:
             ch.close()
 
