@@ -249,16 +249,22 @@ def raw_post(conn: http.client.HTTPConnection, name: str, body: bytes) -> bytes:
     return data
 
 
-def bench_latency(model_path: Path, n: int) -> dict:
-    content = model_path.read_bytes()
-    Interpreter = load_interpreter_class()
-    it = Interpreter(model_content=content, num_threads=1)
+def _in_process(content: bytes, prefix: str):
+    """The in-process side of a comparison: (interpreter, input details, output 0 index, a
+    deterministic float32 input, a temp model dir holding the same model for a daemon)."""
+    it = load_interpreter_class()(model_content=content, num_threads=1)
     it.allocate_tensors()
     d = it.get_input_details()[0]
     o0 = it.get_output_details()[0]["index"]
     x = np.random.default_rng(0).random(d["shape"], dtype=np.float32)
-    mdir = Path(tempfile.mkdtemp(prefix="rt-bench-m-"))
+    mdir = Path(tempfile.mkdtemp(prefix=prefix))
     (mdir / "m.tflite").write_bytes(content)
+    return it, d, o0, x, mdir
+
+
+def bench_latency(model_path: Path, n: int) -> dict:
+    content = model_path.read_bytes()
+    it, d, o0, x, mdir = _in_process(content, "rt-bench-m-")
     daemon = Daemon([sys.executable, "-m", "appliance.runtime.agent"], mdir,
                     "--pool-size", "1", "--num-threads", "1", "--max-wait-ms", "0", "--no-affinity")
     body = x.astype("<f4").tobytes()
@@ -443,15 +449,8 @@ def bundle_sizes() -> list[tuple[str, int, Path]]:
 
 def bench_versions(content: bytes, n: int, old_tree: Path) -> dict:
     """This daemon vs the baseline revision's, same model and body, strictly alternating."""
-    Interpreter = load_interpreter_class()
-    it = Interpreter(model_content=content, num_threads=1)
-    it.allocate_tensors()
-    d = it.get_input_details()[0]
-    o0 = it.get_output_details()[0]["index"]
-    x = np.random.default_rng(0).random(d["shape"], dtype=np.float32)
+    it, d, o0, x, mdir = _in_process(content, "rt-bench-v-")
     body = x.astype("<f4").tobytes()
-    mdir = Path(tempfile.mkdtemp(prefix="rt-bench-v-"))
-    (mdir / "m.tflite").write_bytes(content)
     flags = ("--pool-size", "1", "--num-threads", "1", "--max-wait-ms", "0", "--no-affinity")
     agent = [sys.executable, "-m", "appliance.runtime.agent"]
     new = Daemon(agent, mdir, *flags)
