@@ -120,11 +120,19 @@ class ModelRunner:
             it = Interpreter(model_content=content, num_threads=settings.num_threads)
             it.allocate_tensors()
             self._free.append(it)
-        self.load_seconds = time.perf_counter() - t0
         it = self._free[0]
         ins, outs = it.get_input_details(), it.get_output_details()
         if len(ins) != 1:
             raise ValueError(f"model has {len(ins)} inputs; this runtime serves single-input models")
+        # Warm-up: an interpreter's first invoke also prepares its kernels (XNNPACK packs the
+        # weights then), which made the first request after every (re)load several times
+        # slower than the rest. Paying it here keeps it out of request latency, and a model
+        # that cannot run even once is refused at load, while the old version still serves.
+        zeros = np.zeros(ins[0]["shape"], ins[0]["dtype"])
+        for w in self._free:
+            w.set_tensor(ins[0]["index"], zeros)
+            w.invoke()
+        self.load_seconds = time.perf_counter() - t0  # build + allocate + warm-up, all interpreters
         self.input = self._spec(ins[0])
         self.outputs = [self._spec(o) for o in outs]
         self.output_dtype_names = [o.dtype.name for o in self.outputs]  # dtype.name is slow-ish

@@ -59,7 +59,7 @@ class Metrics:
         self.queue_depth = Gauge("appliance_runtime_queue_depth", "Requests waiting for a batch",
                                  ["model"], registry=r)
         self.load_seconds = Gauge("appliance_runtime_model_load_seconds",
-                                  "Time to build the interpreter pool of the served version",
+                                  "Time to build and warm up (one invoke each) the interpreter pool of the served version",
                                   ["model"], registry=r)
         self.model_ready = Gauge("appliance_runtime_model_ready", "1 if the model is served",
                                  ["model"], registry=r)

@@ -526,3 +526,20 @@ def test_runner_close_waits_for_queued_requests_and_a_timed_out_one_is_dropped()
             await r2.predict(x)
         await r.close()
     run(t())
+
+
+def test_every_pool_interpreter_is_warmed_up_at_load():
+    """The first invoke prepares kernels (XNNPACK packs weights): it happens at load, for
+    every interpreter of the pool, not in the first requests' latency."""
+    from appliance.runtime.config import ModelSettings
+    from appliance.runtime.engine import ModelRunner
+
+    expect = tinymodels.reference_output(F32, np.zeros((1, 16), np.float32))
+    assert np.abs(expect).max() > 0  # the bias: an interpreter never invoked holds no such output
+    r = ModelRunner("fc", "1", F32, ModelSettings(pool_size=2, max_batch=1))
+    slots = [next(iter(slot.values())) for slot in r._free]
+    assert len(slots) == 2
+    for it in slots:
+        got = it.get_tensor(it.get_output_details()[0]["index"])
+        np.testing.assert_allclose(got, expect, rtol=1e-5, atol=1e-6)
+    assert r.load_seconds > 0
