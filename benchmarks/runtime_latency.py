@@ -24,7 +24,10 @@ into $APPLIANCE_CACHE_DIR/bench (never installed: mediapipe pulls in jax and ope
    whatever queued while the interpreter was busy) / no batching (max_batch=1), alternating
    rounds. The 32 clients are `wrk` (C, one thread; Debian package, deps/apt/runtime.txt), so
    the load generator costs the 2 shared cores little. Target >= 2.
+1c. The first request after a daemon start, with the warm-up at load vs without (git
+   WARMUP_BASELINE_REV): the first invoke of an interpreter prepares its kernels.
 3. Bundle size on disk and cold start to first prediction, bundle vs plain python.
+Every process runs under the allocator settings of appliance-runtime.service (`--malloc`).
 """
 from __future__ import annotations
 
@@ -54,6 +57,9 @@ sys.path.insert(0, str(REPO))
 from appliance.image import cache  # noqa: E402  (host-side benchmark: may use host code)
 from appliance.runtime import tinymodels  # noqa: E402
 from appliance.runtime.interp import load_interpreter_class  # noqa: E402
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import daemon_malloc  # noqa: E402
 
 MEDIAPIPE = "mediapipe==0.10.14"
 # Single-input mediapipe models with >= 1 ms invoke here (num_threads=1), shortest first.
@@ -496,6 +502,55 @@ def print_versions(mods: Path, quick: bool, rev: str) -> None:
     print()
 
 
+# The runtime before the warm-up at load (section 1c runs it side by side).
+WARMUP_BASELINE_REV = "edbf5d3"
+
+
+def bench_first_request(content: bytes, runs: int, old_tree: Path) -> dict:
+    """Per daemon start: start -> ready, the first request's latency, then the p50 of the next
+    10 (steady state); this runtime and the pre-warm-up one, alternating."""
+    _it, _d, _o0, x, mdir = _in_process(content, "rt-bench-f-")
+    body = x.astype("<f4").tobytes()
+    flags = ("--pool-size", "1", "--num-threads", "1", "--max-wait-ms", "0", "--no-affinity")
+    agent = [sys.executable, "-m", "appliance.runtime.agent"]
+    envs = {"new": None, "old": {**os.environ, "PYTHONPATH": str(old_tree)}}
+    res = {k: {"ready": [], "first": [], "steady": []} for k in envs}
+    for i in range(runs):
+        for k in (("new", "old") if i % 2 == 0 else ("old", "new")):
+            t = time.perf_counter()
+            dm = Daemon(agent, mdir, *flags, env=envs[k])
+            res[k]["ready"].append(time.perf_counter() - t)
+            c = RawClient(dm.port, "/v1/models/m:predict", body)
+            ts = []
+            for _ in range(11):
+                t = time.perf_counter()
+                status, _h, _b = c.post()
+                ts.append(time.perf_counter() - t)
+                assert status == 200
+            res[k]["first"].append(ts[0])
+            res[k]["steady"].append(statistics.median(ts[1:]))
+            c.close()
+            dm.stop()
+    return res
+
+
+def print_first_request(mods: Path, quick: bool, rev: str) -> None:
+    old_tree = runtime_at(rev)
+    runs = 3 if quick else 7
+    print(f"## 1c. first request after a load: warm-up at load (now) vs none (git {rev}); medians over {runs} "
+          "daemon starts, ms")
+    print("| model | start -> ready before | now | first request before | now | steady p50 before | now | "
+          "first / steady before | now | load |\n|---|---|---|---|---|---|---|---|---|---|")
+    for m in QUICK_LATENCY_MODELS:
+        r = bench_first_request((mods / f"{m}.tflite").read_bytes(), runs, old_tree)
+        med = {k: {q: statistics.median(v) * 1e3 for q, v in r[k].items()} for k in r}
+        o, w = med["old"], med["new"]
+        print(f"| {m} | {o['ready']:.0f} | {w['ready']:.0f} | {o['first']:.2f} | {w['first']:.2f} | "
+              f"{o['steady']:.2f} | {w['steady']:.2f} | {o['first'] / o['steady']:.2f} | "
+              f"{w['first'] / w['steady']:.2f} | {load()} |", flush=True)
+    print()
+
+
 def load() -> str:
     return "loadavg " + " ".join(f"{v:.1f}" for v in os.getloadavg())
 
@@ -564,19 +619,25 @@ def main() -> int:
     ap = argparse.ArgumentParser()
     ap.add_argument("--quick", action="store_true")
     ap.add_argument("--skip-bundle", action="store_true")
-    ap.add_argument("--only", choices=("latency", "throughput"))
+    ap.add_argument("--only", choices=("latency", "first", "throughput"))
     ap.add_argument("--floor-server", help=argparse.SUPPRESS)
+    ap.add_argument("--malloc", choices=daemon_malloc.CHOICES, default="daemon",
+                    help="daemon: the runtime unit's GLIBC_TUNABLES for every process here (default)")
     ap.add_argument("--baseline-rev", default=BASELINE_REV,
                     help="git revision whose runtime section 1b runs side by side (default %(default)s)")
     a = ap.parse_args()
+    tunables = daemon_malloc.ensure(a.malloc)
     if a.floor_server:
         return floor_server(a.floor_server)
     q = a.quick
     mods = mediapipe_models()
-    print(f"# runtime benchmark  (cpus={len(os.sched_getaffinity(0))}, {load()}, models from {mods})\n")
+    print(f"# runtime benchmark  (cpus={len(os.sched_getaffinity(0))}, {load()}, models from {mods}, "
+          f"GLIBC_TUNABLES={tunables})\n")
     if a.only in (None, "latency"):
         print_latency(mods, q)
         print_versions(mods, q, a.baseline_rev)
+    if a.only in (None, "latency", "first"):
+        print_first_request(mods, q, WARMUP_BASELINE_REV)
     if a.only in (None, "throughput"):
         print_throughput(mods, q)
     if a.skip_bundle or a.only:
@@ -604,7 +665,8 @@ def main() -> int:
                 return B.chroot_command(root, ["/opt/appliance/appliance-agent", *args],
                                         {"/opt/appliance": path, "/tmp": Path("/tmp")})
             rows.append((f"bundle {label} (in trixie chroot)",
-                         cold_start(wrap, mdir, x, runs, env={"PATH": "/usr/sbin:/usr/bin:/sbin:/bin"})))
+                         cold_start(wrap, mdir, x, runs, env={"PATH": "/usr/sbin:/usr/bin:/sbin:/bin", **{
+                                        k: v for k, v in os.environ.items() if k == "GLIBC_TUNABLES"}})))
     base = statistics.median(rows[0][1])
     print("\n| start to first prediction | median ms | vs plain python |\n|---|---|---|")
     for label, ts in rows:

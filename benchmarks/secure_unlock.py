@@ -1,12 +1,12 @@
 """Benchmark: cost of loading a model from the encrypted store vs. loading the plain file.
 
-    .venv/bin/python benchmarks/secure_unlock.py [--runs 15] [--model PATH] [--malloc default|hugetlb]
+    .venv/bin/python benchmarks/secure_unlock.py [--runs 15] [--model PATH] [--malloc daemon|default]
 
-Allocator: by default the script re-runs itself with GLIBC_TUNABLES=glibc.malloc.hugetlb=1,
-as appliance-runtime.service sets for the daemon (plain and secure rows alike): glibc then
-asks for transparent huge pages on its large allocations, and the page faults on the fresh
-multi-MB buffers an unlock needs (measured: ~1.5 us each, 1400 per 5.5 MB, in this VM) drop
-about 4x. `--malloc default` measures glibc's default.
+Allocator: by default the script re-runs itself with the GLIBC_TUNABLES that
+appliance-runtime.service sets for the daemon (appliance.runtime.config.MALLOC_TUNABLES; plain
+and secure rows alike): glibc then serves multi-MB buffers from a heap in transparent huge
+pages, and the page faults on the fresh buffers an unlock needs (measured: ~1.5 us each, 1400
+per 5.5 MB, in this VM) drop to a handful. `--malloc default` measures glibc's default.
 
 Same model, same run, alternating order. Plain: `Interpreter(model_path=...)` +
 `allocate_tensors()`. Secure: install seal + vendor signature + anti-rollback counter (two HMACs
@@ -34,6 +34,7 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+import daemon_malloc  # noqa: E402
 
 
 def median_ms(xs):
@@ -100,14 +101,11 @@ def main() -> int:
     ap.add_argument("--runs", type=int, default=41)
     ap.add_argument("--model")
     ap.add_argument("--mib", type=int, default=64, help="size of the AES-GCM throughput sample")
-    ap.add_argument("--malloc", choices=("hugetlb", "default"), default="hugetlb")
+    ap.add_argument("--malloc", choices=daemon_malloc.CHOICES, default="daemon",
+                    help="daemon: the runtime unit's GLIBC_TUNABLES (default); default: glibc's defaults")
     ap.add_argument("--fresh-runs", type=int, default=21, help="loads in a fresh process each (0: skip)")
     args = ap.parse_args()
-    tunable = "glibc.malloc.hugetlb=1"
-    if args.malloc == "hugetlb" and tunable not in os.environ.get("GLIBC_TUNABLES", ""):
-        # glibc reads tunables at start-up only: run again with it, as the runtime unit does.
-        env = dict(os.environ, GLIBC_TUNABLES=":".join(filter(None, [os.environ.get("GLIBC_TUNABLES"), tunable])))
-        os.execve(sys.executable, [sys.executable, *sys.argv], env)
+    daemon_malloc.ensure(args.malloc)
     import secure_models
     model_path = Path(args.model) if args.model else secure_models.mediapipe_model()
     model = model_path.read_bytes()

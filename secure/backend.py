@@ -22,7 +22,7 @@ import os
 import threading
 from pathlib import Path
 
-from .errors import SecureError, TokenError, TokenLockedError, TokenMissingError, IntegrityError
+from .errors import IntegrityError, TokenError, TokenLockedError, TokenMissingError
 
 DEFAULT_KEY_LABEL = "appliance-device-key"
 DEFAULT_MAC_LABEL = "appliance-counter-mac"
@@ -160,7 +160,6 @@ class Pkcs11Backend(TokenBackend):
         self.close()
 
     def _find(self, object_class, label):
-        from pkcs11 import Attribute
         from pkcs11 import exceptions as px
 
         hit = self._handles.get((object_class, label))

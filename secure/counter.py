@@ -24,7 +24,7 @@ import os
 from pathlib import Path
 
 from .envelope import canonical_json, parse_version
-from .errors import CounterError, FormatError, SecureError
+from .errors import CounterError, FormatError
 from .fsutil import atomic_write
 
 DOMAIN = b"appliance-counter-v1\0"

@@ -77,7 +77,8 @@ def test_templates_agree_with_the_agent_defaults(rootfs):
     assert rt["LoadCredential"] == [f"token.pin:{pin}"]
     env = " ".join(rt["Environment"])
     assert f"SOFTHSM2_CONF={secure_agent.DEFAULT_TOKEN_CONFIG}" in env and "APPLIANCE_PIN_FILE=%d/token.pin" in env
-    assert "GLIBC_TUNABLES=glibc.malloc.hugetlb=1" in env
+    from appliance.runtime.config import MALLOC_TUNABLES
+    assert f"GLIBC_TUNABLES={MALLOC_TUNABLES}" in env.split()
     assert "/data/secure" in rt["ReadOnlyPaths"][0].split()
     assert "ReadWritePaths" not in rt and rt["CapabilityBoundingSet"] == [""]
     # No vendor key in the build: nothing rendered (the runtime then disables the store).
