@@ -81,7 +81,7 @@ def fleet_bench(n: int, repeats: int, workers: int | None, base: Path) -> None:
             print(f"  run {r + 1}/{repeats}: {size:3d} device(s) {w:6.2f} s wall, station CPU {c:5.2f} s, "
                   f"devices' CPU {dc:5.2f} s, load {load[-1]:.1f}", flush=True)
     med = {size: [statistics.median(x[k] for x in res[size]) for k in range(3)] for size in res}
-    (w1, c1, d1), (wn, cn, dn) = med[1], med[n]
+    w1, (wn, cn, dn) = med[1][0], med[n]
     cores = os.cpu_count()
     print(f"\nFleet apply, {workers or f'default (min(devices, {DEFAULT_WORKERS}))'} workers, {repeats} runs each, medians (load average 1 min after "
           f"each run: {min(load):.1f}-{max(load):.1f} on {cores} cores)")

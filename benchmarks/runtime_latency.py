@@ -2,7 +2,7 @@
 """Runtime benchmark (host, x86): latency, batching throughput, bundle size and cold start.
 
     flock /tmp/appliance-bench.lock .venv/bin/python benchmarks/runtime_latency.py \
-        [--quick] [--skip-bundle] [--only latency|throughput]
+        [--quick] [--skip-bundle] [--only latency|first|throughput] [--pm-qos] [--malloc daemon|default]
 
 Real models are the .tflite files the `mediapipe` 0.10.14 wheel (PyPI) ships: taken from an
 installed `mediapipe` if there is one, else from the wheel fetched once with `pip download`
@@ -28,6 +28,11 @@ into $APPLIANCE_CACHE_DIR/bench (never installed: mediapipe pulls in jax and ope
    WARMUP_BASELINE_REV): the first invoke of an interpreter prepares its kernels.
 3. Bundle size on disk and cold start to first prediction, bundle vs plain python.
 Every process runs under the allocator settings of appliance-runtime.service (`--malloc`).
+`--pm-qos` holds /dev/cpu_dma_latency at 0 for the run, so idle CPUs poll instead of halting.
+In this VM a halted vCPU is woken by the host, and the sequential client and the daemon each
+sleep while the other works, so every request pays such wake-ups (the floor server pays them
+too). On the device the client is on another machine; running with and without tells the
+daemon's own overhead from the VM's.
 """
 from __future__ import annotations
 
@@ -625,14 +630,25 @@ def main() -> int:
                     help="daemon: the runtime unit's GLIBC_TUNABLES for every process here (default)")
     ap.add_argument("--baseline-rev", default=BASELINE_REV,
                     help="git revision whose runtime section 1b runs side by side (default %(default)s)")
+    ap.add_argument("--pm-qos", action="store_true",
+                    help="hold /dev/cpu_dma_latency at 0 for the run: idle CPUs poll instead of halting "
+                         "(in a VM: no vCPU halt and host wake-up between a request and its answer)")
     a = ap.parse_args()
     tunables = daemon_malloc.ensure(a.malloc)
+    qos_fd = None
+    if a.pm_qos and not a.floor_server:
+        try:
+            qos_fd = os.open("/dev/cpu_dma_latency", os.O_WRONLY)  # held until exit
+            os.write(qos_fd, (0).to_bytes(4, sys.byteorder))
+        except OSError as e:
+            raise SystemExit(f"--pm-qos: cannot write /dev/cpu_dma_latency: {e.strerror} (needs root)") from None
     if a.floor_server:
         return floor_server(a.floor_server)
     q = a.quick
     mods = mediapipe_models()
     print(f"# runtime benchmark  (cpus={len(os.sched_getaffinity(0))}, {load()}, models from {mods}, "
-          f"GLIBC_TUNABLES={tunables})\n")
+          f"GLIBC_TUNABLES={tunables}, "
+          f"{'PM QoS cpu_dma_latency=0 (idle CPUs poll)' if qos_fd is not None else 'default idle (CPUs may halt)'})\n")
     if a.only in (None, "latency"):
         print_latency(mods, q)
         print_versions(mods, q, a.baseline_rev)
