@@ -49,7 +49,7 @@ def test_gpt_labels_and_sizes(rock5b):
     assert [p["name"] for p in parts] == ["boot", "root-a", "root-b", "data"]
     assert parts[0]["start"] == 16 * 2048          # partitions start after 16 MiB
     sizes = {p["name"]: p["size"] * 512 // 2**20 for p in parts}
-    assert sizes == {"boot": 256, "root-a": 1024, "root-b": 1024, "data": 256}
+    assert sizes == {"boot": 512, "root-a": 1024, "root-b": 1024, "data": 256}
     assert "LegacyBIOSBootable" in parts[0].get("attrs", "")
 
 
