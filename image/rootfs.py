@@ -24,6 +24,8 @@ BASE_PACKAGES = (
     "systemd", "systemd-sysv", "udev", "kmod", "dbus", "initramfs-tools", "e2fsprogs",
     "iproute2", "systemd-repart", "openssh-server", "nftables", "softhsm2", "cryptsetup-bin",
     "procps",
+    # fsck.fat: the updater checks the vfat boot partition before each mount (power cuts).
+    "dosfstools",
 )
 
 # Documentation, man pages and translations never reach the device (copyright files stay:

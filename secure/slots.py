@@ -17,7 +17,10 @@ from __future__ import annotations
 
 import os
 import re
+import shutil
+import stat
 import subprocess
+import sys
 import tempfile
 from contextlib import contextmanager
 from dataclasses import dataclass, field, replace
@@ -221,6 +224,62 @@ def cmdline_value(cmdline: str, key: str) -> str | None:
     return None
 
 
+SALVAGED = re.compile(r"(?i)^FSCK\d{4}\.REC$")
+# fsck.fat's lines that say what it changed (the rest is banner and progress).
+_FSCK_NOISE = re.compile(r"^(fsck\.fat \d|/dev/|\S+: \d+ files, |Performing changes|Starting check|"
+                         r"Checking |Reclaiming unconnected|Checking for unused|  Auto-|\s*$)")
+
+
+def check_boot(boot: str | os.PathLike) -> str:
+    """fsck.fat -a on the unmounted boot partition; returns what it repaired ('' if clean).
+
+    A power cut while boot files are written leaves clusters allocated to no file (a rerun of
+    the update then finds no room for the slot) or a damaged directory (the kernel remounts the
+    partition read-only). U-Boot only reads it; every writer comes through mounted_boot, so
+    repairing here, before each mount, is enough. fsck.fat -a salvages lost chains into
+    FSCKnnnn.REC files in the root directory; mounted_boot deletes those (they are parts of a
+    slot the update rewrites anyway, never the boot state, which is only ever renamed into place).
+    """
+    if _is_mounted(boot):
+        return ""  # someone mounted it by hand: checking under a live mount would do harm
+    fsck = shutil.which("fsck.fat")
+    if fsck is None:
+        # An image without dosfstools still updates as before; say so rather than fail the boot
+        # blessing that runs through here.
+        print(f"{boot}: fsck.fat missing (dosfstools not in the image): boot partition not checked",
+              file=sys.stderr)
+        return ""
+    r = subprocess.run([fsck, "-a", "-w", str(boot)], capture_output=True, text=True)
+    if r.returncode == 0:
+        return ""
+    # 1 means "errors found" (corrected, with -a) or an inconsistency it could not fix: a
+    # read-only second pass tells the two apart.
+    again = subprocess.run([fsck, "-n", str(boot)], capture_output=True, text=True)
+    said = [ln.strip() for ln in (r.stdout + r.stderr).splitlines() if not _FSCK_NOISE.match(ln)]
+    if again.returncode != 0:
+        why = next((ln for ln in said if ln), f"fsck.fat exit {r.returncode}")
+        raise SlotError(f"{boot}: vfat boot partition damaged beyond repair by fsck.fat ({why[:160]}); "
+                        "reflash the device")
+    return "; ".join(dict.fromkeys(ln for ln in said if ln))[:400] or "dirty flag cleared"
+
+
+def _is_mounted(dev: str | os.PathLike) -> bool:
+    st = os.stat(dev)
+    if not stat.S_ISBLK(st.st_mode):  # an image file (tests)
+        return False
+    want = f"{os.major(st.st_rdev)}:{os.minor(st.st_rdev)}"
+    with open("/proc/self/mountinfo") as f:
+        return any(line.split()[2] == want for line in f)
+
+
+def drop_salvaged(root: Path) -> list[str]:
+    """Delete the FSCKnnnn.REC files check_boot's fsck.fat left in the boot partition's root."""
+    gone = sorted(p.name for p in root.iterdir() if SALVAGED.match(p.name) and p.is_file())
+    for name in gone:
+        (root / name).unlink()
+    return gone
+
+
 @contextmanager
 def mounted_boot(boot: str | os.PathLike = BOOT_PARTITION):
     """The boot partition, mounted privately for the duration (it is not mounted in normal
@@ -231,6 +290,9 @@ def mounted_boot(boot: str | os.PathLike = BOOT_PARTITION):
         return
     if not boot.exists():
         raise SlotError(f"{boot}: no boot partition (is this an A/B image booted by U-Boot?)")
+    repaired = check_boot(boot)
+    if repaired:
+        print(f"{boot}: fsck.fat repaired the boot partition: {repaired}", file=sys.stderr)
     base = Path("/run/appliance")
     base.mkdir(parents=True, exist_ok=True)
     mnt = Path(tempfile.mkdtemp(prefix="boot-", dir=base))
@@ -240,6 +302,7 @@ def mounted_boot(boot: str | os.PathLike = BOOT_PARTITION):
         mnt.rmdir()
         raise SlotError(f"mounting {boot} failed: {r.stderr.strip()[:200]}")
     try:
+        drop_salvaged(mnt)
         yield mnt
     finally:
         os.sync()

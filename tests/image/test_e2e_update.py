@@ -112,13 +112,9 @@ def test_bundle_signed_by_another_key_is_refused(images, tmp_path):
         assert (after["order"], after["next"], after["tries"]["b"]) == (before["order"], before["next"], 0)
 
 
-# Known bug, found by this test in CI on 2026-12-04: a power cut while the boot files are written
-# can leave the vfat boot partition with stranded clusters (the rerun then finds no room for the
-# slot) or a corrupted directory (the kernel remounts it read-only). The image has no fsck.fat yet
-# and mounted_boot() does not check the partition. Not strict: the test still runs every time and
-# passes when its random cut points miss the boot files; it must become a plain test again with
-# the fix (dosfstools in the rootfs, fsck.fat -a before the mount).
-@pytest.mark.xfail(strict=False, reason="power cut can corrupt the vfat boot partition: no fsck.fat before update")
+# Found by this test in CI (2026-12-04): a cut while boot files are written can strand vfat
+# clusters (the rerun then found no room for the slot) or damage a directory (the kernel remounted
+# the partition read-only). mounted_boot() now runs fsck.fat -a first (tests/secure/test_boot_fsck.py).
 def test_power_cuts_during_update_then_rerun_completes(images, tmp_path):
     v1, v2 = images
     seed = int(os.environ.get("APPLIANCE_KILL_SEED", random.SystemRandom().randrange(1 << 30)))
