@@ -15,6 +15,7 @@ never tried. On UEFI boards (SdBootSlots) systemd-boot's boot-counted entries pl
 """
 from __future__ import annotations
 
+import fcntl
 import os
 import re
 import shutil
@@ -33,6 +34,8 @@ SLOTS = ("a", "b")
 BOOT_TRIES = 3
 STATE_FILE = "bootstate.env"
 BOOT_PARTITION = "/dev/disk/by-partlabel/boot"
+# On tmpfs: a lock never outlives a boot, and the kernel drops it when its holder dies.
+BOOT_LOCK = Path("/run/appliance/boot.lock")
 
 
 class SlotError(SecureError):
@@ -257,7 +260,9 @@ def check_boot(boot: str | os.PathLike) -> str:
     again = subprocess.run([fsck, "-n", str(boot)], capture_output=True, text=True)
     said = [ln.strip() for ln in (r.stdout + r.stderr).splitlines() if not _FSCK_NOISE.match(ln)]
     if again.returncode != 0:
-        why = next((ln for ln in said if ln), f"fsck.fat exit {r.returncode}")
+        # fsck.fat names the file on one line and the fault on the next: keep both.
+        left = [ln.strip() for ln in (again.stdout + again.stderr).splitlines() if not _FSCK_NOISE.match(ln)]
+        why = ": ".join(left[:2] or said[:2]) or f"fsck.fat exit {r.returncode}"
         raise SlotError(f"{boot}: vfat boot partition damaged beyond repair by fsck.fat ({why[:160]}); "
                         "reflash the device")
     return "; ".join(dict.fromkeys(ln for ln in said if ln))[:400] or "dirty flag cleared"
@@ -281,15 +286,46 @@ def drop_salvaged(root: Path) -> list[str]:
 
 
 @contextmanager
-def mounted_boot(boot: str | os.PathLike = BOOT_PARTITION):
-    """The boot partition, mounted privately for the duration (it is not mounted in normal
-    operation, so nothing else writes to it). A directory is used as it is (tests)."""
+def boot_lock(boot: str | os.PathLike, lock: Path = BOOT_LOCK):
+    """Exclusive use of the boot partition among this device's processes.
+
+    The boot-time mark-good service, `update status` and `update install` all fsck, mount and
+    write the same partition; fsck.fat -a running while another process has it mounted and is
+    renaming bootstate.env damages the directory beyond repair (found by the power-cut test).
+    Waits as long as the holder needs: an install holds it for its whole root write.
+    """
+    lock.parent.mkdir(parents=True, exist_ok=True)
+    fd = os.open(lock, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            print(f"{boot}: waiting for another user of the boot partition (update install, status or "
+                  "mark-good) to finish", file=sys.stderr, flush=True)
+            fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(fd)
+
+
+@contextmanager
+def mounted_boot(boot: str | os.PathLike = BOOT_PARTITION, lock: Path = BOOT_LOCK):
+    """The boot partition, checked and mounted privately for the duration, under boot_lock (it
+    is not mounted in normal operation, so nothing else writes to it). A directory is used as
+    it is (tests)."""
     boot = Path(boot)
     if boot.is_dir():
         yield boot
         return
     if not boot.exists():
         raise SlotError(f"{boot}: no boot partition (is this an A/B image booted by U-Boot?)")
+    with boot_lock(boot, lock):
+        with _mounted_boot(boot) as mnt:
+            yield mnt
+
+
+@contextmanager
+def _mounted_boot(boot: Path):
     repaired = check_boot(boot)
     if repaired:
         print(f"{boot}: fsck.fat repaired the boot partition: {repaired}", file=sys.stderr)

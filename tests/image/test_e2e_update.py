@@ -29,6 +29,7 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from appliance.image.boot import READY_MARKER, start
 from appliance.image.signing import sign
+from appliance.secure.slots import BOOT_LOCK
 
 pytestmark = [pytest.mark.e2e, pytest.mark.timeout(5400)]
 
@@ -110,6 +111,20 @@ def test_bundle_signed_by_another_key_is_refused(images, tmp_path):
         after = status(vm)
         # (tries of a may have been refilled meanwhile: appliance-update-bless runs after boot)
         assert (after["order"], after["next"], after["tries"]["b"]) == (before["order"], before["next"], 0)
+        # Every kind of user of the boot partition at once, as when the boot-time mark-good
+        # service meets a status or an install from the station (CI, 2026-12-06: an fsck.fat of
+        # one while another renamed bootstate.env left the directory damaged beyond repair).
+        # They take turns, so all succeed and the file system is clean afterwards.
+        rc, out = vm.run(f"( fail=0; pids=''; for i in 1 2 3; do {AGENT} update mark-good & pids=\"$pids $!\"; "
+                         f"{AGENT} update status & pids=\"$pids $!\"; done; "
+                         "for p in $pids; do wait $p || fail=1; done; "
+                         "fsck.fat -n /dev/disk/by-partlabel/boot && test $fail = 0 )", timeout=300)
+        assert rc == 0 and "error:" not in out, out
+        # The lock is flock(2) on a file in /run: held by another (here util-linux flock), a
+        # status waits for it.
+        rc, out = vm.run(f"( mkdir -p {BOOT_LOCK.parent}; flock {BOOT_LOCK} sleep 5 & sleep 1; "
+                         f"{AGENT} update status )", timeout=300)
+        assert rc == 0 and "waiting for another user of the boot partition" in out, out
 
 
 # Found by this test in CI (2026-12-04): a cut while boot files are written can strand vfat

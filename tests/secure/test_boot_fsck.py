@@ -8,6 +8,8 @@ entry gone while its clusters stay allocated.
 import shutil
 import struct
 import subprocess
+import sys
+import time
 
 import pytest
 
@@ -114,3 +116,51 @@ def test_unrepairable_partition_is_a_one_line_error(tmp_path):
         slots.check_boot(img)
     msg = str(e.value)
     assert str(img) in msg and "reflash" in msg and "\n" not in msg
+
+
+HOLD = """
+import sys, time
+from pathlib import Path
+from appliance.secure import slots
+with slots.boot_lock("boot", Path(sys.argv[1])):
+    print("held", flush=True)
+    time.sleep(float(sys.argv[2]))
+"""
+
+
+def _holder(lock, seconds):
+    # Another process, as the boot-time mark-good service is to `update install`.
+    p = subprocess.Popen([sys.executable, "-c", HOLD, str(lock), str(seconds)], stdout=subprocess.PIPE, text=True)
+    assert p.stdout.readline().strip() == "held"
+    return p
+
+
+def _use_boot(img, lock):
+    # The host has no vfat module: the mount fails after the check, which is far enough here.
+    try:
+        with slots.mounted_boot(img, lock=lock):
+            pass
+    except slots.SlotError as e:
+        assert "mounting" in str(e), e
+
+
+def test_boot_partition_users_take_turns(tmp_path, capsys):
+    img, lock = make_boot(tmp_path), tmp_path / "boot.lock"
+    holder = _holder(lock, 1.5)
+    t0 = time.monotonic()
+    _use_boot(img, lock)
+    waited = time.monotonic() - t0
+    assert holder.wait(5) == 0
+    assert waited >= 1.0, f"fsck/mount did not wait for the other user ({waited:.2f} s)"
+    assert "waiting for another user of the boot partition" in capsys.readouterr().err
+
+
+def test_lock_of_a_killed_user_is_released(tmp_path, capsys):
+    # A power cut ends every holder; a killed `update install` must not wedge the next one.
+    img, lock = make_boot(tmp_path), tmp_path / "boot.lock"
+    holder = _holder(lock, 600)
+    holder.kill()
+    holder.wait(5)
+    t0 = time.monotonic()
+    _use_boot(img, lock)
+    assert time.monotonic() - t0 < 30
