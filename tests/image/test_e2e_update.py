@@ -68,7 +68,9 @@ def shell(vm):
 
 
 def status(vm) -> dict:
-    rc, out = vm.run(f"{AGENT} update status --json", timeout=120)
+    # A hang detector, not a speed check: under TCG the first mount's modprobe of vfat once
+    # stalled 50+ s in the kernel's ECDSA module-signature check (CI, 2026-12-03; 0.2 s normally).
+    rc, out = vm.run(f"{AGENT} update status --json", timeout=600)
     assert rc == 0, out
     return json.loads(out.strip().splitlines()[-1])
 
