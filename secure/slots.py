@@ -34,8 +34,9 @@ SLOTS = ("a", "b")
 BOOT_TRIES = 3
 STATE_FILE = "bootstate.env"
 BOOT_PARTITION = "/dev/disk/by-partlabel/boot"
+RUN_DIR = Path("/run/appliance")
 # On tmpfs: a lock never outlives a boot, and the kernel drops it when its holder dies.
-BOOT_LOCK = Path("/run/appliance/boot.lock")
+BOOT_LOCK = RUN_DIR / "boot.lock"
 
 
 class SlotError(SecureError):
@@ -258,14 +259,18 @@ def check_boot(boot: str | os.PathLike) -> str:
     # 1 means "errors found" (corrected, with -a) or an inconsistency it could not fix: a
     # read-only second pass tells the two apart.
     again = subprocess.run([fsck, "-n", str(boot)], capture_output=True, text=True)
-    said = [ln.strip() for ln in (r.stdout + r.stderr).splitlines() if not _FSCK_NOISE.match(ln)]
+    said = _fsck_said(r)
     if again.returncode != 0:
         # fsck.fat names the file on one line and the fault on the next: keep both.
-        left = [ln.strip() for ln in (again.stdout + again.stderr).splitlines() if not _FSCK_NOISE.match(ln)]
+        left = _fsck_said(again)
         why = ": ".join(left[:2] or said[:2]) or f"fsck.fat exit {r.returncode}"
         raise SlotError(f"{boot}: vfat boot partition damaged beyond repair by fsck.fat ({why[:160]}); "
                         "reflash the device")
     return "; ".join(dict.fromkeys(ln for ln in said if ln))[:400] or "dirty flag cleared"
+
+
+def _fsck_said(proc: subprocess.CompletedProcess) -> list[str]:
+    return [ln.strip() for ln in (proc.stdout + proc.stderr).splitlines() if not _FSCK_NOISE.match(ln)]
 
 
 def _is_mounted(dev: str | os.PathLike) -> bool:
@@ -329,9 +334,8 @@ def _mounted_boot(boot: Path):
     repaired = check_boot(boot)
     if repaired:
         print(f"{boot}: fsck.fat repaired the boot partition: {repaired}", file=sys.stderr)
-    base = Path("/run/appliance")
-    base.mkdir(parents=True, exist_ok=True)
-    mnt = Path(tempfile.mkdtemp(prefix="boot-", dir=base))
+    RUN_DIR.mkdir(parents=True, exist_ok=True)
+    mnt = Path(tempfile.mkdtemp(prefix="boot-", dir=RUN_DIR))
     r = subprocess.run(["mount", "-t", "vfat", "-o", "rw,nosuid,nodev,noexec,flush", str(boot), str(mnt)],
                        capture_output=True, text=True)
     if r.returncode != 0:
