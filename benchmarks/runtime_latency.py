@@ -411,6 +411,12 @@ def wrk_round(port: int, name: str, body_file: Path, clients: int, seconds: floa
     return rps, lat
 
 
+def rss_mb(pid: int) -> float:
+    """Resident memory of a process, MB (every batch-size bucket holds an interpreter)."""
+    status = Path(f"/proc/{pid}/status").read_text()
+    return int(re.search(r"VmRSS:\s+(\d+) kB", status).group(1)) / 1e3
+
+
 def bench_throughput(content: bytes, clients: int, seconds: float, rounds: int) -> dict:
     """{mode: {"rps": [per round], "p50"/"p99": [ms per round]}}; wrk if installed, else aiohttp."""
     mdir = Path(tempfile.mkdtemp(prefix="rt-bench-t-"))
@@ -422,7 +428,7 @@ def bench_throughput(content: bytes, clients: int, seconds: float, rounds: int) 
     body = x.astype("<f4").tobytes()
     body_file = mdir / "body.bin"
     body_file.write_bytes(body)
-    res = {label: {"rps": [], "p50": [], "p99": []} for label, _ in MODES}
+    res = {label: {"rps": [], "p50": [], "p99": [], "rss": []} for label, _ in MODES}
     common = ["--pool-size", "1", "--num-threads", "1", "--max-wait-ms", "0", "--queue-size", "256",
               "--no-affinity"]
     for _ in range(rounds):
@@ -439,6 +445,7 @@ def bench_throughput(content: bytes, clients: int, seconds: float, rounds: int) 
             res[label]["rps"].append(rps)
             res[label]["p50"].append(p50)
             res[label]["p99"].append(p99)
+            res[label]["rss"].append(rss_mb(dmn.p.pid))
             dmn.stop()
     return res
 
@@ -642,12 +649,12 @@ def print_throughput(mods: Path, quick: bool) -> None:
         print(f"## 2. throughput, 32 concurrent clients ({gen}): {label}, {rounds} round(s) x {secs} s, "
               f"modes alternating; {load()}")
         print("| mode | req/s (median) | req/s per round | **vs no batching (target >= 2)** | "
-              "vs no batching, 2 interpreters | p50 ms | p99 ms |\n|---|---|---|---|---|---|---|")
+              "vs no batching, 2 interpreters | p50 ms | p99 ms | daemon RSS MB |\n|---|---|---|---|---|---|---|---|")
         for mode, _ in MODES:
             v = statistics.median(t[mode]["rps"])
             print(f"| {mode} | {v:.0f} | {' / '.join(f'{r:.0f}' for r in t[mode]['rps'])} | **{v / base:.2f}** | "
                   f"{v / base2:.2f} | {statistics.median(t[mode]['p50']):.1f} | "
-                  f"{statistics.median(t[mode]['p99']):.1f} |", flush=True)
+                  f"{statistics.median(t[mode]['p99']):.1f} | {max(t[mode]['rss']):.0f} |", flush=True)
         print()
 
     print("## 2b. the same without HTTP: 32 coroutines calling ModelRunner.predict in-process")
