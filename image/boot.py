@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import re
+import select
 import shutil
 import socket
 import subprocess
@@ -116,9 +117,15 @@ class Machine:
     def _read(self, timeout: float) -> str:
         import serial
 
-        self.serial.timeout = timeout
         try:
-            data = self.serial.read(4096)
+            # One recv per call, after our own wait: pyserial's socket read() loops over recv and,
+            # when it meets EOF, raises and drops what it had already received in that call; the
+            # last lines before QEMU exits (a panic, a reset) would never reach the log.
+            ready, _, _ = select.select([self.serial.fileno()], [], [], timeout)
+            data = b""
+            if ready:
+                self.serial.timeout = 0
+                data = self.serial.read(4096)
         except serial.SerialException:
             # The console socket closes when QEMU exits (a guest panic with -no-reboot, say).
             try:
@@ -145,12 +152,18 @@ class Machine:
             if m:
                 self._buf = self._buf[m.end():]
                 return m
-            if self.proc.poll() is not None:
-                raise BuildError(f"QEMU exited (code {self.proc.returncode}) before {pattern!r}; log: {self.log_path}")
+            exited = self.proc.poll() is not None
             left = deadline - time.monotonic()
-            if left <= 0:
+            if left <= 0 and not exited:
                 raise TimeoutError(f"no {pattern!r} on the console within {timeout:.0f} s; log: {self.log_path}")
-            chunk = self._read(min(left, 0.5))
+            try:
+                # Once QEMU has exited, what it wrote before is still in the socket: read it all
+                # (up to EOF, which _read reports as BuildError) before giving up on the pattern.
+                chunk = self._read(0.5 if exited else min(left, 0.5))
+            except BuildError:
+                chunk = None
+            if chunk is None or (exited and not chunk):
+                raise BuildError(f"QEMU exited (code {self.proc.returncode}) before {pattern!r}; log: {self.log_path}")
             self._buf = (self._buf + chunk)[-1_000_000:]
 
     def send(self, text: str) -> None:
@@ -191,7 +204,10 @@ def start(image: Path, *, board: Board | None = None, forwards: list = (), snaps
           reboot: bool = False) -> Machine:
     """Start QEMU on `image`. `forwards` items are guest TCP ports (exposed on free loopback
     ports, see Machine.forwards) or (host_port, guest_port) pairs."""
-    import serial  # pyserial
+    # The console transport of the factory station: it keeps what the guest prints between the
+    # TCP connect and the end of pyserial's open() (plain socket:// drops it).
+    from appliance.provision.console import open_port
+    from appliance.provision.errors import ProvisionError
 
     if not image.is_file():
         raise BuildError(f"{image}: no such image")
@@ -211,8 +227,8 @@ def start(image: Path, *, board: Board | None = None, forwards: list = (), snaps
     ser = None
     while ser is None:
         try:
-            ser = serial.serial_for_url(f"socket://127.0.0.1:{plan.console_port}", timeout=0.5)
-        except serial.SerialException:
+            ser = open_port(f"socket://127.0.0.1:{plan.console_port}", timeout=0.5)
+        except ProvisionError:
             if proc.poll() is not None or time.monotonic() > deadline:
                 proc.kill()
                 err = (tmp / "qemu.stderr").read_text().strip()[-300:]
