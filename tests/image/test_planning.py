@@ -126,6 +126,21 @@ def test_templates_debug_adds_serial_autologin(tmp_path):
     assert "--login-program /bin/bash" in conf and "--skip-login" in conf
 
 
+@pytest.mark.parametrize("profile", ["production", "debug"])
+def test_templates_emergency_and_rescue_modes(tmp_path, profile):
+    """production reboots out of emergency/rescue mode (the boot counter then spends a try);
+    debug gives the locked root a shell there instead (tests/image/test_e2e_emergency.py boots both)."""
+    root, _, _ = _render(tmp_path, profile=profile)
+    for mode in ("emergency", "rescue"):
+        conf = (root / f"etc/systemd/system/{mode}.service.d/appliance.conf").read_text()
+        if profile == "production":
+            assert "SuccessAction=reboot" in conf and "FailureAction=reboot" in conf
+            assert f"appliance: {mode} mode" in conf and "\nExecStart=\n" in conf
+            assert "SULOGIN_FORCE" not in conf
+        else:
+            assert "Environment=SYSTEMD_SULOGIN_FORCE=1" in conf and "reboot" not in conf.split("[Service]")[1]
+
+
 def test_templates_rk3588_boot_script(tmp_path):
     root, boot, _ = _render(tmp_path, board="rk3588", variant="rock-5b")
     cmd = (boot / "boot.cmd").read_text()
