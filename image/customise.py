@@ -21,7 +21,7 @@ from .errors import BuildError
 from .harden import harden
 from .templates_render import render_tree
 from .update_bundle import slot_env
-from appliance.secure.slots import BOOT_PARTITION, BOOT_TRIES
+from appliance.secure.slots import BOOT_LOCK, BOOT_PARTITION, BOOT_TRIES, STATE_FILE
 from .verity import append_overlay, initramfs_overlay
 
 UNITS_ENABLED = ("appliance-ready.service", "appliance-ssh-hostkeys.service", "systemd-networkd.service",
@@ -134,7 +134,10 @@ def template_context(cfg: BuildConfig, build_info: dict, agent: bool = False) ->
         "agent": agent,
         "agent_path": f"/{AGENT_DIR}/appliance-agent",
         "runtime_port": RUNTIME_PORT,
+        # The sh fallback of the bless unit shares the agent's partition, lock and state file.
         "boot_partition": BOOT_PARTITION,
+        "boot_lock": str(BOOT_LOCK),
+        "boot_state_file": STATE_FILE,
         "ssh_ca": cfg.ssh_ca,
         "vendor_public_key": cfg.vendor_key,
     }

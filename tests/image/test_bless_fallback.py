@@ -35,7 +35,7 @@ def run(script, tmp_path, *, state, slot="a", result="exit-code", code="exited",
     cmdline.write_text(f"root=PARTLABEL=root-{slot} ro" + (f" appliance.slot={slot}" if slot else "") + " quiet\n")
     mark = tmp_path / "rebooted"
     env = {"PATH": os.environ["PATH"], "SERVICE_RESULT": result, "EXIT_CODE": code, "EXIT_STATUS": status,
-           "APPLIANCE_CMDLINE": str(cmdline), "APPLIANCE_BOOT": str(boot), "APPLIANCE_RUN_DIR": str(tmp_path / "run"),
+           "APPLIANCE_CMDLINE": str(cmdline), "APPLIANCE_BOOT": str(boot), "APPLIANCE_BOOT_LOCK": str(tmp_path / "run" / "boot.lock"),
            "APPLIANCE_CONSOLE": str(tmp_path / "console"), "APPLIANCE_REBOOT": f"touch {mark}"}
     r = subprocess.run(["/bin/sh", str(script)], env=env, capture_output=True, text=True, timeout=30)
     assert r.returncode == 0, r.stderr
